@@ -1,0 +1,219 @@
+"""Layer analysis: find each decoder layer's nodes in a Dynamo graph of a HF LLaMA-family model.
+
+Builds a `LayerMap` from `nn_module_stack` metadata and op patterns: per layer its input and
+output residual nodes, post-RoPE q and k, the SDPA call and its KV outputs; shared: the
+attention-mask node and the sequence length. Raises `UnsupportedGraph` with the reason when
+the graph is not one it understands; the backend then compiles the graph unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from slimcompile.passes.manager import PassResult
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SUPPORTED_LAYER_TYPES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+_LAYER_PATH = re.compile(r"\.layers[\.\[](\d+)\]?$")
+_SHAPE_OPS = {"reshape", "view", "expand", "contiguous", "transpose"}
+
+
+class UnsupportedGraph(Exception):
+    """The graph is not a whole HF LLaMA-family forward this backend can rewrite."""
+
+
+@dataclasses.dataclass
+class LayerNodes:
+    index: int
+    nodes: list[fx.Node]
+    residual_in: fx.Node
+    residual_out: fx.Node
+    q: fx.Node
+    k: fx.Node
+    sdpa: fx.Node
+    kv_outputs: tuple[fx.Node, fx.Node] | None  # the cache's key/value tensors after update
+    past_kv: tuple[fx.Node, fx.Node] | None  # placeholders of the cache before update (decode)
+    mask: fx.Node | None  # the SDPA attn_mask argument (per layer: narrowed to its KV length)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layer": self.index,
+            "residual_in": self.residual_in.name,
+            "residual_out": self.residual_out.name,
+            "q": self.q.name,
+            "k": self.k.name,
+            "sdpa": self.sdpa.name,
+            "kv_outputs": [n.name for n in self.kv_outputs] if self.kv_outputs else None,
+            "past_kv": [n.name for n in self.past_kv] if self.past_kv else None,
+            "mask": self.mask.name if self.mask is not None else None,
+        }
+
+
+@dataclasses.dataclass
+class LayerMap:
+    model_type: str
+    layer_type: str
+    layers: list[LayerNodes]
+    seq_len: Any  # SymInt or int: tokens entering layer 0 in this call
+    has_past: bool  # the call extends a non-empty cache (decode or continuation)
+
+    def masks(self) -> list[fx.Node]:
+        """Distinct SDPA mask nodes, in layer order."""
+        return list(dict.fromkeys(layer.mask for layer in self.layers if layer.mask is not None))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "layer_type": self.layer_type,
+            "num_layers": len(self.layers),
+            "masks": sorted({layer.mask.name for layer in self.layers if layer.mask is not None}),
+            "seq_len": str(self.seq_len),
+            "has_past": self.has_past,
+            "layers": [layer.summary() for layer in self.layers],
+        }
+
+
+def example_value(node: Any) -> Any:
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else node
+
+
+def _layer_of(node: fx.Node) -> tuple[int, str] | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in stack.values():
+        m = _LAYER_PATH.search(path)
+        if m and getattr(cls, "__name__", "").endswith("DecoderLayer"):
+            return int(m.group(1)), cls.__name__
+    return None
+
+
+def _is_method(node: Any, names: set[str]) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _through_shape_ops(node: fx.Node) -> fx.Node:
+    """Walk back from an SDPA key/value argument to the tensor before repeat_kv's reshapes."""
+    while True:
+        if _is_method(node, _SHAPE_OPS):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            return node
+
+
+def _cache_update(node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """For `torch.cat([past, new], dim=-2)` (DynamicLayer.update) return (new, past placeholder or None)."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return None
+    parts = node.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return None
+    past, new = parts
+    if past.op == "placeholder":
+        return new, past
+    if past.op == "call_function" and past.target is torch.tensor:  # empty cache: torch.tensor([])
+        return new, None
+    return None
+
+
+def analyze(gm: fx.GraphModule) -> LayerMap:
+    by_layer: dict[int, list[fx.Node]] = {}
+    layer_types = set()
+    model_type = None
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if model_type is None and stack:
+            model_type = next(iter(stack.values()))[1].__name__
+        hit = _layer_of(node)
+        if hit is not None:
+            by_layer.setdefault(hit[0], []).append(node)
+            layer_types.add(hit[1])
+    if not by_layer:
+        raise UnsupportedGraph("no decoder layers found (no nn_module_stack entry '*.layers.N' of a *DecoderLayer)")
+    if len(layer_types) != 1 or next(iter(layer_types)) not in SUPPORTED_LAYER_TYPES:
+        raise UnsupportedGraph(
+            f"decoder layer type {sorted(layer_types)} is not supported (supported: {list(SUPPORTED_LAYER_TYPES)})"
+        )
+    indices = sorted(by_layer)
+    if indices != list(range(indices[-1] + 1)):
+        raise UnsupportedGraph(f"the graph holds layers {indices}, not a whole model (a graph break?)")
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    layers: list[LayerNodes] = []
+    prev_out: fx.Node | None = None
+    for idx in indices:
+        nodes = [n for n in by_layer[idx] if n.op != "placeholder"]
+        node_set = set(nodes)
+        sdpas = [n for n in nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+        if len(sdpas) != 1:
+            raise UnsupportedGraph(f"layer {idx}: expected one scaled_dot_product_attention call, found {len(sdpas)}")
+        sdpa = sdpas[0]
+        q = sdpa.args[0]
+        k_src = _through_shape_ops(sdpa.args[1])
+        v_src = _through_shape_ops(sdpa.args[2])
+        kv_outputs = past_kv = None
+        k_upd, v_upd = _cache_update(k_src), _cache_update(v_src)
+        if k_upd and v_upd:
+            k = k_upd[0]
+            kv_outputs = (k_src, v_src)
+            if k_upd[1] is not None:
+                past_kv = (k_upd[1], v_upd[1])
+        else:
+            k = k_src
+        mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+        mask = mask if isinstance(mask, fx.Node) else None
+        # The layer's output is the node every later computation reads the residual stream from.
+        outs = [
+            n
+            for n in nodes
+            if any(u not in node_set and u.op != "output" for u in n.users)
+            and n not in (kv_outputs or ())
+            and isinstance(example_value(n), torch.Tensor)
+            and example_value(n).dim() == 3
+        ]
+        if len(outs) != 1:
+            raise UnsupportedGraph(f"layer {idx}: cannot identify the residual output ({[n.name for n in outs]})")
+        residual_in = prev_out
+        if residual_in is None:
+            # Layer 0 reads the embeddings: the 3-d tensor from outside the layers that it uses first.
+            ins = [
+                a
+                for n in nodes
+                for a in n.all_input_nodes
+                if a not in node_set
+                and a.op != "placeholder"
+                and isinstance(example_value(a), torch.Tensor)
+                and example_value(a).dim() == 3
+                and example_value(a).shape[-1] == example_value(outs[0]).shape[-1]
+                and example_value(a).dtype.is_floating_point
+            ]
+            if not ins:
+                raise UnsupportedGraph("layer 0: cannot identify the input hidden states")
+            residual_in = min(ins, key=order.__getitem__)
+        layers.append(LayerNodes(idx, nodes, residual_in, outs[0], q, k, sdpa, kv_outputs, past_kv, mask))
+        prev_out = outs[0]
+    seq_len = example_value(layers[0].residual_in).shape[1]
+    return LayerMap(
+        model_type=model_type or "?",
+        layer_type=next(iter(layer_types)),
+        layers=layers,
+        seq_len=seq_len,
+        has_past=layers[0].past_kv is not None,
+    )
+
+
+def layer_analysis_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
+    ctx.layer_map = analyze(gm)
+    lm = ctx.layer_map
+    return PassResult(
+        False,
+        f"{lm.model_type}: {len(lm.layers)} x {lm.layer_type}, seq_len={lm.seq_len}, "
+        f"{'decode/continuation' if lm.has_past else 'prefill'}, masks={len(lm.masks())}",
+        lm.summary(),
+    )

@@ -1,0 +1,203 @@
+"""The `slim` torch.compile backend: run the pass pipeline on the Dynamo graph, then Inductor.
+
+Registered under the `torch_dynamo_backends` entry point, so `torch.compile(model,
+backend="slim", options={...})` works without importing slimcompile. A graph the analysis
+does not recognise is compiled unchanged, with one warning saying why; a graph it
+recognises but cannot prune is compiled with the exact rewrites only, also with a warning.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from slimcompile import hf_attention  # noqa: F401  (length-aware SDPA for per-layer KV lengths)
+from slimcompile.options import SlimOptions, parse_options
+from slimcompile.passes.causal_mask import causal_mask_pass
+from slimcompile.passes.context import SlimContext
+from slimcompile.passes.decode_kv import decode_kv_pass
+from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value, layer_analysis_pass
+from slimcompile.passes.manager import PassManager, PassRecord
+from slimcompile.passes.shape_prop import refresh_example_values
+from slimcompile.passes.token_prune import token_prune_pass
+
+log = logging.getLogger("slimcompile")
+
+
+@dataclasses.dataclass
+class Compilation:
+    """What one backend call did; kept for `slimcompile inspect` and tests."""
+
+    options: SlimOptions
+    records: list[PassRecord]
+    context: SlimContext
+    fallback: str | None  # why the graph was compiled without (some) rewrites
+    variant: str  # "slim", "exact" (no pruning) or "unchanged"
+    graph: fx.GraphModule | None = None
+
+
+COMPILATIONS: collections.deque[Compilation] = collections.deque(maxlen=64)
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _padding_inputs(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [
+        (i, n)
+        for i, n in enumerate(phs)
+        if "attention_mask" in n.name
+        and isinstance(example_value(n), torch.Tensor)
+        and example_value(n).dim() == 2
+    ]
+
+
+def _shape_prop_pass(gm: fx.GraphModule, ctx: SlimContext):
+    from slimcompile.passes.manager import PassResult
+
+    try:
+        n = refresh_example_values(gm, ctx.fake_mode)
+    except Exception as e:  # a broken rewrite must not reach Inductor
+        raise UnsupportedGraph(f"rewritten graph fails shape propagation: {type(e).__name__}: {e}") from e
+    return PassResult(False, f"example values consistent ({n} stale node(s) re-propagated)")
+
+
+def run_passes(gm: fx.GraphModule, options: SlimOptions, fake_mode: Any, assume_no_padding: bool):
+    """Run the pipeline on a copy of `gm`; returns (graph, manager, context)."""
+    gm = copy_graph_module(gm)
+    ctx = SlimContext(options=options, fake_mode=fake_mode)
+    ctx.padding_inputs = {n for _, n in _padding_inputs(gm)}
+    ctx.assume_no_padding = assume_no_padding
+    pm = PassManager(
+        [
+            ("layer_analysis", layer_analysis_pass),
+            ("causal_mask", causal_mask_pass),
+            ("decode_kv", decode_kv_pass),
+            ("token_prune", _with_schedule(token_prune_pass)),
+            ("shape_prop", _shape_prop_pass),
+        ]
+    )
+    pm.run(gm, ctx)
+    return gm, pm, ctx
+
+
+def _with_schedule(fn: Callable) -> Callable:
+    def wrapped(gm: fx.GraphModule, ctx: SlimContext):
+        if ctx.options.pruning:
+            ctx.schedule = ctx.options.resolve(len(ctx.layer_map.layers))
+        return fn(gm, ctx)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _call(fn: Callable, args: tuple) -> Any:
+    return fn(list(args)) if getattr(fn, "_boxed_call", False) else fn(*args)
+
+
+def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, lower) -> tuple[Callable, Compilation]:
+    try:
+        new_gm, pm, ctx = run_passes(gm, options, fake_mode, assume_no_padding)
+        variant, fallback = ("slim" if ctx.prune else "exact"), None
+    except UnsupportedGraph as e:
+        # Recognised-but-unprunable graphs keep the exact rewrites; unrecognised ones stay unchanged.
+        fallback = str(e)
+        if options.pruning:
+            exact = dataclasses.replace(options, enabled=False)
+            try:
+                new_gm, pm, ctx = run_passes(gm, exact, fake_mode, False)
+                variant = "exact"
+            except UnsupportedGraph as e2:
+                new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
+                fallback = f"{fallback}; and {e2}"
+        else:
+            new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
+        what = "without pruning" if variant == "exact" else "unchanged (plain Inductor)"
+        _warn_once(f"slimcompile: compiling this graph {what}: {fallback}")
+    record = Compilation(options, pm.records if pm else [], ctx, fallback, variant, new_gm)
+    COMPILATIONS.append(record)
+    _maybe_dump(record)
+    return (_inductor(new_gm, example_inputs) if lower else new_gm.forward), record
+
+
+def slim_backend(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    options: dict | SlimOptions | None = None,
+    lower: bool = True,
+    **_: Any,
+):
+    """torch.compile backend entry: `torch.compile(model, backend="slim", options={...})`.
+
+    `lower=False` runs the rewritten FX graph as Python instead of lowering it through
+    Inductor: the same rewrite semantics in seconds, which pass tests use.
+    """
+    opts = options if isinstance(options, SlimOptions) else parse_options(options)
+    # The fake mode of Dynamo's example values (not of example_inputs): guards go to its shape env.
+    fake_mode = next(
+        (v.fake_mode for n in gm.graph.nodes if isinstance(v := example_value(n), FakeTensor)), None
+    )
+    padding = _padding_inputs(gm)
+    if not (opts.pruning and padding):
+        compiled, _ = _compile_variant(gm, example_inputs, opts, fake_mode, False, lower)
+        return compiled
+
+    # The prompt may carry a padding mask. Prune under the assumption that it is all ones and
+    # check that per call; a padded batch runs the exact (unpruned) variant. Both are compiled
+    # now, inside Dynamo's compile context, so their shape guards are installed.
+    fast, _ = _compile_variant(gm, example_inputs, opts, fake_mode, True, lower)
+    exact, _ = _compile_variant(
+        gm, example_inputs, dataclasses.replace(opts, enabled=False), fake_mode, False, lower
+    )
+    mask_positions = [i for i, _ in padding]
+
+    def run(*args: Any) -> Any:
+        if all(bool(args[i].all()) for i in mask_positions):
+            return _call(fast, args)
+        _warn_once(
+            "slimcompile: padded batch (attention_mask has zeros): running the exact unpruned graph; "
+            "pruning supports unpadded prompts only"
+        )
+        return _call(exact, args)
+
+    return run
+
+
+def _maybe_dump(record: Compilation) -> None:
+    """With SLIM_DEBUG=DIR set, write the pass artefacts of every compilation under DIR."""
+    root = os.environ.get("SLIM_DEBUG")
+    if not root:
+        return
+    from slimcompile.inspect_dump import dump_compilation
+
+    dump_compilation(record, os.path.join(root, f"compile_{len(_dump_index)}"))
+    _dump_index.append(1)
+
+
+_dump_index: list[int] = []

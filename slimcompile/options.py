@@ -1,0 +1,229 @@
+"""The `options={...}` schema of `backend="slim"`: defaults, validation, resolution against a model.
+
+This module is the one place where option names, defaults and allowed values are
+defined; the README's options table is generated from `DEFAULTS` and `HELP`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
+
+# Provisional defaults. DESIGN.md's accuracy lead on SmolLM2-135M: one prune after
+# ~L14 of 30 keeping 20% kept needle retrieval; earlier layers lose it. Layers may be
+# given as fractions of depth (0 < f < 1) so that one default maps onto any depth.
+DEFAULTS: dict[str, Any] = {
+    "prune_layers": [0.47],
+    "keep_ratio": 0.2,
+    "keep_tokens": None,
+    "block_size": 32,
+    "unit_size": 8,
+    "scoring": "attention",
+    "window": 32,
+    "sink": 32,
+    "min_prune_len": 512,
+    "pooling": "max",
+    "enabled": True,
+}
+
+HELP: dict[str, str] = {
+    "prune_layers": "decoder-layer indices after which tokens are pruned; a float 0<f<1 means floor(f * num_layers)",
+    "keep_ratio": "float in (0, 1], or one per pruning layer: fraction of the blocks present at that layer that are kept",
+    "keep_tokens": "int, or one per pruning layer: absolute token budget after that layer (non-increasing)",
+    "block_size": "tokens per block (the unit of selection)",
+    "unit_size": "tokens per TokenUnit inside a block (scoring='tokenunit'); must divide block_size",
+    "scoring": "'attention' (softmax attention of the window's queries) or 'tokenunit' (the paper's |q·k_unit|)",
+    "window": "last prompt tokens always kept; their queries score the blocks",
+    "sink": "first prompt tokens always kept",
+    "min_prune_len": "prompts shorter than this are not pruned (a shape guard, not a runtime branch)",
+    "pooling": "'max' or 'mean' pooling of token scores within a block (scoring='attention')",
+    "enabled": "False: only the exact rewrites (causal mask), no pruning",
+}
+
+SCORINGS = ("attention", "tokenunit")
+POOLINGS = ("max", "mean")
+
+
+class SlimOptionError(ValueError):
+    """A bad `options={...}` entry; the message names the key, the value and what is allowed."""
+
+
+def _err(key: str, value: Any, allowed: str) -> SlimOptionError:
+    return SlimOptionError(f"slim option {key!r}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimOptions:
+    """Validated options, not yet tied to a model (layer fractions are still fractions)."""
+
+    prune_layers: tuple[float | int, ...]
+    keep_ratio: tuple[float, ...] | None
+    keep_tokens: tuple[int, ...] | None
+    block_size: int
+    unit_size: int
+    scoring: str
+    window: int
+    sink: int
+    min_prune_len: int
+    pooling: str
+    enabled: bool
+
+    @property
+    def pruning(self) -> bool:
+        return self.enabled and len(self.prune_layers) > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def resolve(self, num_layers: int) -> "LayerSchedule":
+        """Tie the options to a model of `num_layers` decoder layers."""
+        layers = []
+        for raw in self.prune_layers:
+            idx = int(math.floor(raw * num_layers)) if isinstance(raw, float) else raw
+            if not 0 <= idx < num_layers - 1:
+                raise _err(
+                    "prune_layers",
+                    list(self.prune_layers),
+                    f"layer {raw!r} -> index {idx} is outside 0..{num_layers - 2} "
+                    f"(the model has {num_layers} layers; pruning after the last layer prunes nothing)",
+                )
+            layers.append(idx)
+        if sorted(set(layers)) != layers:
+            raise _err("prune_layers", list(self.prune_layers), f"indices {layers} must be strictly increasing")
+        return LayerSchedule(self, tuple(layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSchedule:
+    """Options resolved for one model: concrete pruning-layer indices."""
+
+    options: SlimOptions
+    layers: tuple[int, ...]
+
+    def keep_at(self, i: int) -> tuple[str, Fraction | int]:
+        """('ratio', Fraction) or ('tokens', int) for the i-th pruning layer."""
+        o = self.options
+        if o.keep_tokens is not None:
+            return "tokens", o.keep_tokens[i]
+        return "ratio", Fraction(o.keep_ratio[i]).limit_denominator(1 << 16)
+
+
+def _per_layer(key: str, value: Any, n: int, kind: type) -> tuple:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) != n:
+        raise _err(key, value, f"give one value or one per pruning layer ({n} pruning layers)")
+    for v in vals:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise _err(key, value, "each entry must be an int")
+        if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise _err(key, value, "each entry must be a number")
+    return tuple(kind(v) for v in vals)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _err(key, value, "must be a positive int")
+    return value
+
+
+def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> SlimOptions:
+    """Validate user options (a dict, a path to a JSON file under key 'options_file', or kwargs)."""
+    raw: dict[str, Any] = {}
+    if options:
+        raw.update(options)
+    raw.update(kwargs)
+    if "options_file" in raw:
+        path = raw.pop("options_file")
+        if not os.path.isfile(path):
+            raise _err("options_file", path, "must be a readable JSON file written by `slimcompile calibrate`")
+        with open(path) as f:
+            loaded = json.load(f)
+        loaded = loaded.get("options", loaded)
+        raw = {**loaded, **raw}
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise SlimOptionError(
+            f"unknown slim option(s) {unknown}; valid keys are {sorted(DEFAULTS) + ['options_file']}"
+        )
+    # Giving keep_tokens replaces the default keep_ratio rather than conflicting with it.
+    if raw.get("keep_tokens") is not None and "keep_ratio" not in raw:
+        raw["keep_ratio"] = None
+    v = {**DEFAULTS, **raw}
+
+    enabled = v["enabled"]
+    if not isinstance(enabled, bool):
+        raise _err("enabled", enabled, "must be True or False")
+
+    layers = v["prune_layers"]
+    if layers is None:
+        layers = []
+    if isinstance(layers, (int, float)) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise _err("prune_layers", layers, "must be a list of layer indices (ints) or depth fractions (0 < f < 1)")
+    for x in layers:
+        ok_int = isinstance(x, int) and not isinstance(x, bool) and x >= 0
+        ok_frac = isinstance(x, float) and 0.0 < x < 1.0
+        if not (ok_int or ok_frac):
+            raise _err("prune_layers", layers, "entries must be ints >= 0 or depth fractions 0 < f < 1")
+    n = len(layers)
+
+    for key in ("block_size", "unit_size", "window", "min_prune_len"):
+        _positive_int(key, v[key])
+    sink = v["sink"]
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise _err("sink", sink, "must be an int >= 0")
+    if v["scoring"] == "tokenunit" and v["block_size"] % v["unit_size"] != 0:
+        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']}")
+    if v["scoring"] not in SCORINGS:
+        raise _err("scoring", v["scoring"], f"allowed: {list(SCORINGS)}")
+    if v["pooling"] not in POOLINGS:
+        raise _err("pooling", v["pooling"], f"allowed: {list(POOLINGS)}")
+
+    ratio, tokens = v["keep_ratio"], v["keep_tokens"]
+    if enabled and n > 0:
+        if ratio is not None and tokens is not None:
+            raise SlimOptionError(
+                f"slim options keep_ratio={ratio!r} and keep_tokens={tokens!r} were both given: give exactly one"
+            )
+        if ratio is None and tokens is None:
+            raise SlimOptionError("slim options: pruning is on but neither keep_ratio nor keep_tokens was given")
+    ratio_t = tokens_t = None
+    if ratio is not None and n > 0:
+        ratio_t = _per_layer("keep_ratio", ratio, n, float)
+        for r in ratio_t:
+            if not 0.0 < r <= 1.0:
+                raise _err("keep_ratio", ratio, "each ratio must lie in (0, 1]")
+    if tokens is not None and n > 0:
+        tokens_t = _per_layer("keep_tokens", tokens, n, int)
+        floor = v["sink"] + v["window"] + v["block_size"]
+        for t in tokens_t:
+            if t < floor:
+                raise _err(
+                    "keep_tokens", tokens, f"each budget must be >= sink + window + block_size = {floor}"
+                )
+        if any(b > a for a, b in zip(tokens_t, tokens_t[1:])):
+            raise _err("keep_tokens", tokens, "budgets must not grow from one pruning layer to the next")
+    min_len = v["min_prune_len"]
+    need = v["sink"] + v["window"] + v["block_size"]
+    if enabled and n > 0 and min_len < need:
+        raise _err("min_prune_len", min_len, f"must be >= sink + window + block_size = {need} (one prunable block)")
+
+    return SlimOptions(
+        prune_layers=tuple(layers),
+        keep_ratio=ratio_t,
+        keep_tokens=tokens_t,
+        block_size=v["block_size"],
+        unit_size=v["unit_size"],
+        scoring=v["scoring"],
+        window=v["window"],
+        sink=v["sink"],
+        min_prune_len=min_len,
+        pooling=v["pooling"],
+        enabled=enabled,
+    )

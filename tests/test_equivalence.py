@@ -1,0 +1,183 @@
+"""Slim against eager (no pruning) and against the plain-PyTorch reference (with a schedule).
+
+These run the rewritten FX graph without Inductor (`lower=False`): the rewrite semantics in
+seconds. tests/test_inductor.py repeats the key checks through Inductor.
+"""
+
+import pytest
+import torch
+
+import slimcompile
+from slimcompile import reference
+from slimcompile.backend import COMPILATIONS
+from slimcompile.options import parse_options
+
+from conftest import PASS_BACKEND, SMALL, ids, tiny
+
+MODELS = [("llama", 4), ("llama", 2), ("qwen2", 2)]  # (arch, kv heads): MHA, GQA, Qwen2 with q/k/v bias
+
+
+def _kv(out):
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+@pytest.mark.parametrize("arch,kv_heads", MODELS)
+@pytest.mark.parametrize("opts", [{"enabled": False}, {"prune_layers": [1], "keep_ratio": 1.0}])
+def test_no_pruning_matches_eager(arch, kv_heads, opts):
+    model = tiny(arch, kv_heads)
+    fast = torch.compile(model, backend=PASS_BACKEND, options={**SMALL, **opts}, dynamic=True)
+    x = ids(45)
+    with torch.no_grad():
+        ref = model(x, use_cache=True)
+        out = fast(x, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for (k, v), (rk, rv) in zip(_kv(out), _kv(ref)):
+        torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    assert COMPILATIONS[-1].context.mask_removed
+
+
+SCHEDULES = [
+    {"prune_layers": [1], "keep_ratio": 0.5},
+    {"prune_layers": [0, 2], "keep_ratio": [0.6, 0.5], "pooling": "mean"},
+    {"prune_layers": [1, 2], "keep_tokens": [30, 20]},
+    {"prune_layers": [1], "keep_ratio": 0.4, "scoring": "tokenunit", "unit_size": 2},
+]
+
+
+@pytest.mark.parametrize("arch,kv_heads", MODELS)
+@pytest.mark.parametrize("opts", SCHEDULES, ids=["ratio", "two-layers-mean", "budgets", "tokenunit"])
+def test_schedule_matches_reference(arch, kv_heads, opts):
+    model = tiny(arch, kv_heads)
+    options = {**SMALL, **opts}
+    schedule = parse_options(options).resolve(4)
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    for length in (41, 58):
+        x = ids(length)
+        with torch.no_grad():
+            out = fast(x, use_cache=True, logits_to_keep=1)
+        ref = reference.prefill(model, x, schedule)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        kv = _kv(out)
+        assert [k.shape[2] for k, _ in kv] == [k.shape[2] for k in ref.keys]
+        assert kv[-1][0].shape[2] < length  # something was pruned
+        for (k, v), rk, rv in zip(kv, ref.keys, ref.values):
+            torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_selects_per_sample():
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5}
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    x = ids(50, batch=3)
+    with torch.no_grad():
+        out = fast(x, use_cache=True, logits_to_keep=1)
+    ref = reference.prefill(model, x, parse_options(options).resolve(4))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    kept = ref.kept_indices[1]
+    assert kept.shape[0] == 3 and not torch.equal(kept[0], kept[1])  # different blocks per sample
+    torch.testing.assert_close(out.past_key_values.layers[2].keys, ref.keys[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("qwen2", 2)])
+def test_generate_matches_reference(arch, kv_heads):
+    model = tiny(arch, kv_heads)
+    options = {**SMALL, "prune_layers": [1, 2], "keep_ratio": 0.5}
+    schedule = parse_options(options).resolve(4)
+    x = ids(47)
+    ref = reference.generate(model, x, schedule, 16)
+    slimcompile.compile(model, backend=PASS_BACKEND, **options)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
+    assert out.shape == (1, 47 + 16)
+    assert torch.equal(out, ref)
+    unpruned = reference.generate(model, x, None, 16)
+    assert model.slim.options.pruning
+    # The schedule changes the KV the decode steps see; the test would be vacuous if it did not.
+    state = reference.prefill(model, x, schedule)
+    assert [k.shape[2] for k in state.keys] != [47] * 4
+    assert unpruned.shape == out.shape
+
+
+def test_static_shapes_rewrite_literal_lengths():
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5}
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=False)
+    x = ids(50)
+    with torch.no_grad():
+        out = fast(x, use_cache=True, logits_to_keep=1)
+    ref = reference.prefill(model, x, parse_options(options).resolve(4))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    record = COMPILATIONS[-1]
+    assert record.variant == "slim" and record.context.prune[0]["literal_edits"] > 0
+
+
+def test_static_length_equal_to_a_model_dimension_falls_back_with_warning():
+    model = tiny("llama", 2)  # hidden 64
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5}
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=False)
+    x = ids(64)
+    with pytest.warns(UserWarning, match="equals a model dimension"), torch.no_grad():
+        out = fast(x, use_cache=True)
+    with torch.no_grad():
+        ref = model(x, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert COMPILATIONS[-1].variant == "exact"
+
+
+def test_short_prompt_takes_unpruned_path():
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "min_prune_len": 40}
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    with torch.no_grad():
+        fast(ids(50), use_cache=True)
+        x = ids(30)
+        out = fast(x, use_cache=True)
+        ref = model(x, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [30] * 4
+    assert COMPILATIONS[-1].variant == "exact" and "min_prune_len" in " ".join(COMPILATIONS[-1].context.guards)
+
+
+def test_padded_batch_stays_exact():
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5}
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    x = ids(48, batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding in the second prompt
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask, use_cache=True)
+        with pytest.warns(UserWarning, match="padded batch"):
+            out = fast(x, attention_mask=mask, use_cache=True)
+        unpadded = fast(x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert out.past_key_values.layers[3].keys.shape[2] == 48
+    assert unpadded.past_key_values.layers[3].keys.shape[2] < 48  # all-ones mask: pruned variant
+
+
+def test_padded_batch_exact_without_pruning_keeps_mask():
+    model = tiny("llama", 2)
+    fast = torch.compile(model, backend=PASS_BACKEND, options={"enabled": False}, dynamic=True)
+    x = ids(30, batch=2)
+    mask = torch.ones_like(x)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        out = fast(x, attention_mask=mask, use_cache=True)
+        ref = model(x, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert not COMPILATIONS[-1].context.mask_removed
+
+
+def test_unsupported_model_falls_back_with_warning():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=128)).eval()
+    fast = torch.compile(model, backend=PASS_BACKEND, options={"prune_layers": [0], "keep_ratio": 0.5, **SMALL})
+    x = ids(40)
+    with pytest.warns(UserWarning, match="unchanged.*(not supported|no decoder layers)"), torch.no_grad():
+        out = fast(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    assert COMPILATIONS[-1].variant == "unchanged"
