@@ -72,7 +72,10 @@ def compile(
         if _unpadded(kw):
             for key in ("attention_mask", "position_ids", "cache_position"):
                 kw.pop(key, None)
-        return compiled(*args, **kw)
+        # Lifted float attributes (eps, scaling) otherwise make AOTAutograd restart Dynamo's
+        # analysis to specialise them, which doubles the first compile.
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kw)
 
     model.forward = forward
     model.slim = SlimHandle(opts, compiled, original)
