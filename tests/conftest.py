@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+
+# One Inductor cache for every test run on this machine: recompiles become cache hits.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/slimcompile/inductor"))
 
 import pytest
 import torch
