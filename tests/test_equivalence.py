@@ -181,3 +181,17 @@ def test_unsupported_model_falls_back_with_warning():
     with torch.no_grad():
         torch.testing.assert_close(out.logits, model(x).logits, rtol=1e-5, atol=1e-5)
     assert COMPILATIONS[-1].variant == "unchanged"
+
+
+def test_generate_compiles_once_for_every_prompt_length():
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5}
+    slimcompile.compile(model, backend=PASS_BACKEND, **options)
+    COMPILATIONS.clear()
+    for length in (33, 41, 50, 64, 71):
+        x = ids(length)
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False)
+    prefill = [c for c in COMPILATIONS if not c.context.layer_map.has_past]
+    decode = [c for c in COMPILATIONS if c.context.layer_map.has_past]
+    assert len(prefill) == 1 and prefill[0].variant == "slim"
+    assert len(decode) == 1, [str(c.context.layer_map.seq_len) for c in decode]
