@@ -1,39 +1,14 @@
-"""Shared fixtures: tiny random models and a backend that skips Inductor for pass tests."""
+"""pytest configuration: one shared Inductor cache and a fresh Dynamo state per test."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 # One Inductor cache for every test run on this machine: recompiles become cache hits.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/slimcompile/inductor"))
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from slimcompile.backend import slim_backend
-
-PASS_BACKEND = functools.partial(slim_backend, lower=False)
-
-# Small blocks so that prompts of 40-70 tokens have several blocks to choose from.
-SMALL = dict(block_size=4, window=4, sink=2, min_prune_len=16)
-
-
-def tiny(arch: str = "llama", kv_heads: int = 2, layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=1024,
-    )
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +16,3 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def ids(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + length)
-    return torch.randint(0, 128, (batch, length), generator=g)

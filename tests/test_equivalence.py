@@ -12,7 +12,7 @@ from slimcompile import reference
 from slimcompile.backend import COMPILATIONS
 from slimcompile.options import parse_options
 
-from conftest import PASS_BACKEND, SMALL, ids, tiny
+from slimtest import PASS_BACKEND, SMALL, ids, tiny
 
 MODELS = [("llama", 4), ("llama", 2), ("qwen2", 2)]  # (arch, kv heads): MHA, GQA, Qwen2 with q/k/v bias
 

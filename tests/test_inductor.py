@@ -17,7 +17,7 @@ from slimcompile import reference
 from slimcompile.backend import COMPILATIONS
 from slimcompile.options import parse_options
 
-from conftest import SMALL, ids, tiny
+from slimtest import SMALL, ids, tiny
 
 pytestmark = pytest.mark.slow
 OPTIONS = {**SMALL, "prune_layers": [1, 2], "keep_ratio": [0.5, 0.6], "min_prune_len": 32}

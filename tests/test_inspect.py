@@ -14,7 +14,7 @@ from slimcompile import backend
 from slimcompile.cli import main
 from slimcompile.inspection import SCHEMA, render_text
 
-from conftest import PASS_BACKEND, SMALL, ids, tiny
+from slimtest import PASS_BACKEND, SMALL, ids, tiny
 
 # The keys docs/inspect.md promises in the JSON object (and in summary.json of --dump).
 DOCUMENTED_KEYS = {
