@@ -1,0 +1,259 @@
+"""`slimcompile calibrate`: find a model's retrieval layers and choose a pruning schedule.
+
+1. Probe: on a few retrieval prompts per (task, length), run the full model layer by layer
+   (the reference loop) and measure, per layer, the share of the observation window's
+   softmax attention (post-RoPE q/k of that layer, `runtime.scoring_torch.attention_token_scores`)
+   that lands on the planted answer's tokens, and how often the answer's blocks would survive
+   pruning after that layer at each candidate keep ratio.
+2. Grid: single-prune schedules after the top retrieval layers x keep ratios, scored for
+   accuracy against the full model on the same prompts (greedy decoding, reference engine).
+3. Choice: every task within `--max-task-drop` points (3) of full and the average within
+   `--max-mean-drop` points (1), at the largest FLOP reduction (FLOP fraction at the longest
+   calibration length). Written as ``{"options": {...}, "evidence": {...}}``, which
+   ``backend="slim"`` accepts as ``options={"options_file": PATH}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from slimcompile.evaluate import (
+    build_variants,
+    default_device,
+    evaluate,
+    parse_csv_list,
+    parse_lengths,
+    parse_sets,
+    precision_note,
+)
+
+RETRIEVAL_TASKS = ("passkey", "needle", "multikey")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
+    p.add_argument("--lengths", default="1024,2048", help="calibration prompt lengths (default 1024,2048: where small models still retrieve)")
+    p.add_argument("--tasks", default="passkey,needle,multikey", help="retrieval tasks with a planted answer (default passkey,needle,multikey)")
+    p.add_argument("--samples", type=int, default=10, help="accuracy samples per (task, length) for the grid (default 10)")
+    p.add_argument("--probe-samples", type=int, default=3, help="prompts per (task, length) for the attention probe (default 3)")
+    p.add_argument("--top-layers", type=int, default=2, help="how many top retrieval layers to try as pruning layers (default 2)")
+    p.add_argument("--keep-ratios", default="0.2,0.3,0.5", help="candidate keep ratios (default 0.2,0.3,0.5)")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="other slim options kept fixed (e.g. scoring, block_size)")
+    p.add_argument("--max-task-drop", type=float, default=3.0, help="allowed accuracy drop per task, points (default 3)")
+    p.add_argument("--max-mean-drop", type=float, default=1.0, help="allowed drop of the task average, points (default 1)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
+    p.add_argument("--out", default="options.json", help="where to write the chosen options (default options.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@torch.no_grad()
+def layer_needle_mass(model, sample, window: int, sink: int, block_size: int, ratios: list[float]) -> tuple[list[float], list[dict[float, bool]]]:
+    """Per layer: attention mass of the window's queries on the needle tokens, and for each ratio
+    whether every needle token would be kept by pruning after that layer (attention/max scoring)."""
+    from slimcompile.reference import _attend
+    from slimcompile.runtime import scoring_torch
+    from slimcompile.schedule import num_blocks
+
+    dev = next(model.parameters()).device
+    ids = torch.tensor([sample.input_ids], device=dev)
+    needle = torch.tensor(sample.needle_token_indices(), device=dev)
+    inner = model.model
+    S = ids.shape[1]
+    h = inner.embed_tokens(ids)
+    pos = torch.arange(S, device=dev)[None]
+    cos, sin = inner.rotary_emb(h, pos)
+    n = num_blocks(S, sink, window, block_size)
+    masses, kept = [], []
+    for layer in inner.layers:
+        h, q, k, _ = _attend(layer, h, cos, sin)
+        tok = scoring_torch.attention_token_scores(q[:, :, -window:], k, q.shape[-1] ** -0.5)[0]
+        masses.append(float(tok[needle].sum()))
+        row = {}
+        if n > 0:
+            blocks = tok[sink : sink + n * block_size].reshape(n, block_size).amax(-1)[None]
+            for r in ratios:
+                keep = max(1, math.ceil(n * r))
+                idx = scoring_torch.select_token_indices(blocks, S, sink, block_size, keep)[0]
+                row[r] = bool(torch.isin(needle, idx).all())
+        kept.append(row)
+    return masses, kept
+
+
+def choose(candidates: list[dict[str, Any]], max_task_drop: float, max_mean_drop: float) -> tuple[dict[str, Any] | None, bool]:
+    """The qualifying candidate with the smallest FLOP fraction; else the least lossy (not qualified)."""
+    ok = [c for c in candidates if c["max_task_drop"] <= max_task_drop + 1e-9 and c["mean_drop"] <= max_mean_drop + 1e-9]
+    if ok:
+        return min(ok, key=lambda c: (c["flop_fraction"], c["mean_drop"])), True
+    if not candidates:
+        return None, False
+    return min(candidates, key=lambda c: (c["mean_drop"], c["max_task_drop"], c["flop_fraction"])), False
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimcompile.models import load
+    from slimcompile.options import parse_options
+    from slimcompile.schedule import ModelDims, schedule_cost
+    from slimcompile.tasks import TASKS, make_samples
+
+    console = Console()
+    err = Console(stderr=True)
+    lengths = parse_lengths(args.lengths)
+    tasks = parse_csv_list(args.tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"--tasks: unknown task(s) {bad}; choose from {','.join(TASKS)}")
+    try:
+        ratios = [float(x) for x in parse_csv_list(args.keep_ratios)]
+    except ValueError:
+        raise ValueError(f"--keep-ratios must be numbers, got {args.keep_ratios!r}") from None
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise ValueError("--keep-ratios must lie in (0, 1]")
+    if args.samples < 1 or args.probe_samples < 1 or args.top_layers < 1:
+        raise ValueError("--samples, --probe-samples and --top-layers must be >= 1")
+    base = parse_sets(args.sets)
+    for key in ("prune_layers", "keep_ratio", "keep_tokens"):
+        if key in base:
+            raise ValueError(f"--set {key}=...: calibrate chooses {key} itself")
+    base_opts = parse_options(base)
+    if base_opts.scoring != "attention":
+        err.print("[yellow]note: the probe measures softmax attention; the grid uses scoring="
+                  f"{base_opts.scoring} as given[/]")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--out: folder {out_dir} does not exist")
+    device = args.device or default_device()
+    t0 = time.perf_counter()
+    log = (lambda m: None) if args.quiet else (lambda m: err.print(m, highlight=False))
+
+    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else _Null():
+        model, tok = load(args.model, dtype=args.dtype, device=device)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; calibrate needs one")
+    n_layers = model.config.num_hidden_layers
+    o = base_opts
+
+    # 1. probe
+    masses: list[list[float]] = []
+    uniform: list[float] = []
+    kept_hits: list[list[dict[float, bool]]] = []
+    for L in lengths:
+        for task in tasks:
+            for s in make_samples(task, L, tok, args.probe_samples, seed=args.seed):
+                m, k = layer_needle_mass(model, s, o.window, o.sink, o.block_size, ratios)
+                masses.append(m)
+                kept_hits.append(k)
+                uniform.append(len(s.needle_token_indices()) / s.n_tokens)
+        log(f"probe @ {L}: {len(masses)} prompts, {time.perf_counter() - t0:.0f}s")
+    mean_mass = [sum(m[l] for m in masses) / len(masses) for l in range(n_layers)]
+    mean_uniform = sum(uniform) / len(uniform)
+    kept_rate = {
+        r: [sum(1 for k in kept_hits if k[l].get(r)) / len(kept_hits) for l in range(n_layers)] for r in ratios
+    }
+    prunable = [l for l in range(n_layers - 1)]
+    top = sorted(prunable, key=lambda l: -mean_mass[l])[: args.top_layers]
+    top = sorted(top)
+
+    pt = Table(title="attention mass of the last-window queries on the answer's tokens, per layer")
+    pt.add_column("layer", justify="right")
+    pt.add_column("mass", justify="right")
+    pt.add_column("x uniform", justify="right")
+    for r in ratios:
+        pt.add_column(f"answer kept @{r}", justify="right")
+    for l in range(n_layers):
+        mark = " *" if l in top else ""
+        pt.add_row(f"{l}{mark}", f"{mean_mass[l]:.3f}", f"{mean_mass[l] / mean_uniform:.1f}",
+                   *[f"{kept_rate[r][l]:.2f}" for r in ratios])
+    console.print(pt)
+
+    # 2. grid
+    grid = [{**base, "prune_layers": [l], "keep_ratio": r} for l in top for r in ratios]
+    variants = build_variants({}, [json.dumps(g) for g in grid], [], n_layers)
+    result = evaluate(model, tok, tasks, lengths, args.samples, variants, engine="reference", seed=args.seed, log=log)
+    dims = ModelDims.from_config(model.config)
+    by = {(c["task"], c["length"], c["variant"]): c for c in result["cells"]}
+    candidates = []
+    for v in variants[1:]:
+        per_task = {}
+        for task in tasks:
+            accs = [by[(task, L, v.name)]["accuracy"] for L in lengths]
+            full = [by[(task, L, "full")]["accuracy"] for L in lengths]
+            per_task[task] = (sum(accs) / len(accs), sum(full) / len(full))
+        drops = {t: 100 * (f - a) for t, (a, f) in per_task.items()}
+        mean_drop = sum(drops.values()) / len(drops)
+        cost = schedule_cost(v.schedule, max(lengths), dims)
+        candidates.append(dict(
+            name=v.name, options=v.options, prune_layer=v.schedule.layers[0], keep_ratio=v.options["keep_ratio"][0],
+            accuracy={t: a for t, (a, _) in per_task.items()}, full_accuracy={t: f for t, (_, f) in per_task.items()},
+            task_drop=drops, max_task_drop=max(drops.values()), mean_drop=mean_drop,
+            flop_fraction=cost.flop_fraction, kv_fraction=cost.kv_fraction,
+        ))
+    chosen, met = choose(candidates, args.max_task_drop, args.max_mean_drop)
+
+    gt = Table(title=f"candidate schedules (accuracy averaged over lengths {lengths}; FLOP/KV fraction at {max(lengths)})")
+    gt.add_column("prune after", justify="right")
+    gt.add_column("keep", justify="right")
+    for t in tasks:
+        gt.add_column(t, justify="right")
+    gt.add_column("mean drop (pts)", justify="right")
+    gt.add_column("FLOPs", justify="right")
+    gt.add_column("KV", justify="right")
+    full_row = candidates[0]["full_accuracy"] if candidates else {}
+    gt.add_row("full", "1.0", *[f"{full_row.get(t, float('nan')):.2f}" for t in tasks], "-", "1.00", "1.00")
+    for c in sorted(candidates, key=lambda c: (c["mean_drop"], c["flop_fraction"])):
+        star = " <" if c is chosen else ""
+        gt.add_row(f"L{c['prune_layer']}", f"{c['keep_ratio']}", *[f"{c['accuracy'][t]:.2f}" for t in tasks],
+                   f"{c['mean_drop']:+.1f}{star}", f"{c['flop_fraction']:.2f}", f"{c['kv_fraction']:.2f}")
+    console.print(gt)
+
+    n_per_task = args.samples * len(lengths)
+    point = 100 / n_per_task
+    resolution = (
+        f"{n_per_task} samples per task: one sample is {point:.1f} points, so the {args.max_task_drop:g}-point task rule "
+        + ("only admits schedules that lose no sample; " if point > args.max_task_drop else "")
+        + "differences inside the binomial error bars are not distinguishable. " + precision_note(args.samples)
+    )
+    console.print(resolution, highlight=False)
+    if chosen is None:
+        raise ValueError("no candidate schedules (check --top-layers / --keep-ratios)")
+    final = {**parse_options(chosen["options"]).as_dict()}
+    depth_fraction = (chosen["prune_layer"] + 0.5) / n_layers
+    evidence = dict(
+        model=args.model, num_layers=n_layers, lengths=lengths, tasks=tasks, samples=args.samples,
+        probe_samples=args.probe_samples, criterion=dict(max_task_drop=args.max_task_drop, max_mean_drop=args.max_mean_drop),
+        criterion_met=met, resolution_note=resolution,
+        needle_mass_per_layer=[round(x, 5) for x in mean_mass], uniform_mass=round(mean_uniform, 5),
+        answer_kept_rate={str(r): [round(x, 3) for x in v] for r, v in kept_rate.items()},
+        retrieval_layers=top, chosen=chosen["name"],
+        depth_fraction_hint=round(depth_fraction, 4), candidates=candidates, seconds=round(time.perf_counter() - t0, 1),
+    )
+    with open(args.out, "w") as f:
+        json.dump({"options": final, "evidence": evidence}, f, indent=1)
+    if met:
+        console.print(f"[green]chosen[/]: prune after layer {chosen['prune_layer']} keeping {chosen['keep_ratio']} "
+                      f"-> {chosen['flop_fraction']:.2f} of the FLOPs at {max(lengths)} tokens", highlight=False)
+    else:
+        console.print(f"[yellow]no candidate met the criterion; wrote the least lossy one ({chosen['name']}, "
+                      f"mean drop {chosen['mean_drop']:.1f} points) — check the evidence before using it[/]", highlight=False)
+    console.print(f"wrote {args.out}  (use: torch.compile(model, backend='slim', options={{'options_file': {args.out!r}}}))",
+                  highlight=False)
+    return 0
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,633 @@
+"""`slimcompile eval`: RULER-style accuracy of the full model against slim schedules.
+
+Every (task, length) cell runs the same prompts through the full model and through each
+slim schedule with greedy decoding, and reports accuracy with a binomial error bar, the
+paired disagreement counts (full right / slim wrong and the reverse), and the schedule's
+FLOP and KV fractions at that length (`schedule.schedule_cost`).
+
+Two engines:
+
+* ``compiled`` (default): the full model through HF ``model.generate`` and slim through
+  ``slimcompile.compile(model, options)`` + ``model.generate`` — the product path. On CPU the
+  rewritten graph runs without Inductor (``lower=False``); ``--inductor`` lowers it.
+* ``reference``: the plain-PyTorch layer loop of :mod:`slimcompile.reference`, sharing one
+  full-model prefill per prompt across all schedules (schedules only recompute the layers
+  after their first pruning layer). Same method, much cheaper for sweeps on a CPU.
+
+``--force-drop L`` is a diagnostic (reference engine only): after layer ``L`` it removes
+exactly the tokens of the answer-carrying statements (``Sample.needle_spans``) and nothing
+else, then decodes greedily. If the answer survives, the question tokens already carried the
+needle's information by layer ``L`` (it has "diffused"); if not, pruning at or before ``L``
+that drops the needle cannot be saved by later layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+
+# ---------------------------------------------------------------- argument helpers
+
+
+def parse_value(text: str) -> Any:
+    """JSON if it parses (numbers, lists, true/false/null), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; values parsed as JSON, else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def parse_length(text: str) -> int:
+    """'2048', '2K' (=2048), '1.5k' -> tokens."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("k"):
+            value = int(round(float(t[:-1]) * 1024))
+        else:
+            value = int(t)
+    except ValueError:
+        raise ValueError(f"bad length {text!r}: use tokens like 2048 or 2K") from None
+    if value < 64:
+        raise ValueError(f"length {text!r} is too short (at least 64 tokens)")
+    return value
+
+
+def parse_lengths(text: str) -> list[int]:
+    return [parse_length(x) for x in text.split(",") if x.strip()]
+
+
+def parse_csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def binomial_halfwidth(p: float, n: int, z: float = 1.96) -> float:
+    """Half-width of the normal-approximation 95% interval of a proportion (in points of 1)."""
+    if n <= 0:
+        return float("nan")
+    return z * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95% interval of k successes in n trials (sane at p=0 or 1, unlike the normal one)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def samples_needed(p: float = 0.8, halfwidth: float = 0.05, z: float = 1.96) -> int:
+    return math.ceil(z * z * p * (1 - p) / (halfwidth * halfwidth))
+
+
+def precision_note(n: int) -> str:
+    """One honest sentence on what n samples per cell can resolve."""
+    hw = 100 * binomial_halfwidth(0.8, n)
+    se = 100 * math.sqrt(0.16 / n) if n else float("nan")
+    return (
+        f"{n} sample(s) per cell: at accuracy 0.8 the 95% interval is about +/-{hw:.0f} points "
+        f"(1 standard error {se:.0f} points); +/-5 points at 95% needs ~{samples_needed(0.8, 0.05)} samples "
+        f"(~{math.ceil(0.16 / 0.05**2)} gives +/-5 points as one standard error). Paired counts "
+        "(full right & slim wrong / the reverse) compare schedules more sharply than the two intervals."
+    )
+
+
+# ---------------------------------------------------------------- the reference engine
+
+
+@dataclasses.dataclass
+class FullTrace:
+    """One full-model prefill of one prompt, with what schedules need to resume from any layer."""
+
+    S: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    hidden: dict[int, torch.Tensor]  # layer -> residual output of that layer [1, S, H]
+    queries: dict[int, torch.Tensor]  # layer -> post-RoPE q [1, Hq, S, d]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def trace_full(model, input_ids: torch.Tensor, keep_layers: Iterable[int] = (), keep_all_queries: bool = False) -> FullTrace:
+    """Full-model prefill (reference layer loop); keeps hidden states / queries of `keep_layers`."""
+    from slimcompile.reference import _attend
+
+    inner = model.model
+    b, S = input_ids.shape
+    h = inner.embed_tokens(input_ids)
+    pos = torch.arange(S, device=input_ids.device)[None].expand(b, S)
+    cos, sin = inner.rotary_emb(h, pos)
+    want = set(keep_layers)
+    hidden, queries, keys, values = {}, {}, [], []
+    for li, layer in enumerate(inner.layers):
+        h, q, k, v = _attend(layer, h, cos, sin)
+        keys.append(k)
+        values.append(v)
+        if li in want:
+            hidden[li] = h
+        if li in want or keep_all_queries:
+            queries[li] = q
+    logits = model.lm_head(inner.norm(h[:, -1:]))
+    return FullTrace(S, cos, sin, hidden, queries, keys, values, logits)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@torch.no_grad()
+def resume_prefill(model, trace: FullTrace, schedule=None, drop: tuple[int, Sequence[int]] | None = None):
+    """A reference prefill that reuses `trace` up to the first layer where it differs.
+
+    `schedule`: a LayerSchedule (pruning exactly as :func:`slimcompile.reference.prefill`).
+    `drop`: (layer L, token positions): after layer L remove exactly those positions.
+    Returns a :class:`slimcompile.reference.ReferenceState`.
+    """
+    from slimcompile import schedule as sched
+    from slimcompile.reference import ReferenceState, _attend
+    from slimcompile.runtime import scoring_torch
+
+    S = trace.S
+    events: dict[int, Any] = {}
+    if schedule is not None and sched.prunes(schedule, S):
+        for i, l in enumerate(schedule.layers):
+            events[l] = ("prune", i)
+    if drop is not None:
+        events[drop[0]] = ("drop", drop[1])
+    if not events:
+        return ReferenceState(trace.logits, list(trace.keys), list(trace.values), {}, S)
+    first = min(events)
+    inner = model.model
+    if first not in trace.hidden:
+        raise ValueError(f"trace lacks layer {first}'s hidden state (pass it in keep_layers)")
+    dev = trace.cos.device
+    h, cos, sin = trace.hidden[first], trace.cos, trace.sin
+    positions = torch.arange(S, device=dev)[None]
+    keys, values = list(trace.keys[: first + 1]), list(trace.values[: first + 1])
+    q, k = trace.queries.get(first), trace.keys[first]
+    kept = {}
+    for li in range(first, len(inner.layers)):
+        if li > first:
+            h, q, k, v = _attend(inner.layers[li], h, cos, sin)
+            keys.append(k)
+            values.append(v)
+        ev = events.get(li)
+        if ev is None:
+            continue
+        L = h.shape[1]
+        if ev[0] == "prune":
+            o = schedule.options
+            n, k_blocks, _ = sched.kept_length(schedule, ev[1], L)
+            qw = q[:, :, -o.window :]
+            if o.scoring == "attention":
+                scores = scoring_torch.attention_block_scores(qw, k, q.shape[-1] ** -0.5, o.sink, o.block_size, n, o.pooling)
+            else:
+                scores = scoring_torch.tokenunit_block_scores(qw, k, o.sink, o.block_size, o.unit_size, n)
+            idx = scoring_torch.select_token_indices(scores, L, o.sink, o.block_size, k_blocks)
+        else:
+            # Positions are original indices; map them to the current (possibly pruned) rows.
+            gone = torch.zeros(S, dtype=torch.bool, device=dev)
+            gone[torch.as_tensor(list(ev[1]), dtype=torch.long, device=dev)] = True
+            idx = torch.nonzero(~gone[positions[0]]).reshape(1, -1)
+        h, cos, sin = _gather_rows(h, idx), _gather_rows(cos, idx), _gather_rows(sin, idx)
+        positions = torch.gather(positions, 1, idx)
+        kept[li] = positions
+    logits = model.lm_head(inner.norm(h[:, -1:]))
+    return ReferenceState(logits, keys, values, kept, S)
+
+
+@torch.no_grad()
+def greedy_from(model, state, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Greedy decode (batch 1) from a reference state with per-layer KV of any lengths."""
+    from slimcompile.reference import decode_step
+
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        tok = state.logits[:, -1].argmax(-1, keepdim=True)
+        t = int(tok)
+        out.append(t)
+        if (eos_token_id is not None and t == eos_token_id) or step == max_new_tokens - 1:
+            break
+        state = decode_step(model, state, tok)
+    return out
+
+
+@torch.no_grad()
+def force_drop_generate(model, input_ids: torch.Tensor, layer: int, positions: Sequence[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Prefill with exactly `positions` removed after `layer`, then greedy decode; new token ids."""
+    trace = trace_full(model, input_ids, keep_layers=[layer])
+    state = resume_prefill(model, trace, drop=(layer, positions))
+    return greedy_from(model, state, max_new_tokens, eos_token_id)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass
+class Variant:
+    """One column of the comparison: the full model, a slim schedule or a forced drop."""
+
+    name: str
+    kind: str  # "full" | "slim" | "drop"
+    options: dict[str, Any] | None = None
+    drop_layer: int | None = None
+    schedule: Any = None  # LayerSchedule once resolved
+
+
+def schedule_name(opts: dict[str, Any]) -> str:
+    from slimcompile.options import DEFAULTS
+
+    diff = {k: v for k, v in opts.items() if DEFAULTS.get(k, object()) != v}
+    if not diff:
+        return "slim(defaults)"
+    return "slim(" + ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(diff.items())) + ")"
+
+
+def build_variants(base_sets: dict[str, Any], schedules: Sequence[str] | None, force_drop: Sequence[int], num_layers: int, include_slim: bool = True) -> list[Variant]:
+    from slimcompile.options import parse_options
+
+    variants = [Variant("full", "full")]
+    raw_list: list[dict[str, Any]] = []
+    if include_slim:
+        if schedules:
+            for s in schedules:
+                try:
+                    d = json.loads(s)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--schedule must be a JSON object of slim options: {s!r} ({e.msg})") from None
+                if not isinstance(d, dict):
+                    raise ValueError(f"--schedule must be a JSON object of slim options, got {s!r}")
+                raw_list.append({**base_sets, **d})
+        else:
+            raw_list.append(dict(base_sets))
+    seen = set()
+    for raw in raw_list:
+        opts = parse_options(raw)
+        sched = opts.resolve(num_layers) if opts.pruning else None
+        d = opts.as_dict()
+        name = schedule_name(d)
+        if name in seen:
+            continue
+        seen.add(name)
+        variants.append(Variant(name, "slim", d, schedule=sched))
+    for L in force_drop:
+        if not 0 <= L < num_layers - 1:
+            raise ValueError(f"--force-drop {L}: layer must be in 0..{num_layers - 2}")
+        variants.append(Variant(f"force-drop@L{L}", "drop", drop_layer=L))
+    return variants
+
+
+# ---------------------------------------------------------------- running
+
+
+def _new_text(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class Evaluator:
+    """Runs variants over samples with either engine; keeps the model loaded."""
+
+    def __init__(self, model, tokenizer, engine: str = "compiled", inductor: bool = False, eos_token_id: int | None = None):
+        if engine not in ("compiled", "reference"):
+            raise ValueError(f"unknown engine {engine!r}: 'compiled' or 'reference'")
+        self.model, self.tok, self.engine, self.inductor = model, tokenizer, engine, inductor
+        gen = getattr(model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None)
+        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self._compiled_for: str | None = None
+
+    # -- compiled engine: HF generate for full, slimcompile.compile for slim
+    def _use(self, variant: Variant) -> None:
+        import slimcompile
+        from slimcompile.backend import slim_backend
+
+        key = variant.name if variant.kind == "slim" else "full"
+        if key == self._compiled_for:
+            return
+        m = self.model
+        if hasattr(m, "slim"):
+            m.forward = m.slim.original_forward
+            del m.slim
+        torch._dynamo.reset()
+        if variant.kind == "slim":
+            backend = slim_backend if self.inductor else functools.partial(slim_backend, lower=False)
+            slimcompile.compile(m, backend=backend, options=variant.options)
+        self._compiled_for = key
+
+    def _hf_generate(self, ids: torch.Tensor, max_new: int) -> list[int]:
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=self.eos,
+            pad_token_id=self.eos,
+        )
+        return out[0, ids.shape[1] :].tolist()
+
+    def run_sample(self, sample, variants: Sequence[Variant]) -> dict[str, list[int]]:
+        """Generated token ids per variant name for one sample (variants in order)."""
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([sample.input_ids], device=dev)
+        max_new = sample.max_new_tokens
+        out: dict[str, list[int]] = {}
+        if self.engine == "reference" or any(v.kind == "drop" for v in variants):
+            layers = set()
+            for v in variants:
+                if v.kind == "slim" and v.schedule is not None:
+                    layers.add(v.schedule.layers[0])
+                if v.kind == "drop":
+                    layers.add(v.drop_layer)
+            trace = trace_full(self.model, ids, keep_layers=layers)
+            needle = sample.needle_token_indices()
+        for v in variants:
+            if v.kind == "drop":
+                state = resume_prefill(self.model, trace, drop=(v.drop_layer, needle))
+                out[v.name] = greedy_from(self.model, state, max_new, self.eos)
+            elif self.engine == "reference":
+                state = resume_prefill(self.model, trace, v.schedule if v.kind == "slim" else None)
+                out[v.name] = greedy_from(self.model, state, max_new, self.eos)
+            else:
+                self._use(v)
+                with torch.no_grad():
+                    out[v.name] = self._hf_generate(ids, max_new)
+        return out
+
+    def restore(self) -> None:
+        m = self.model
+        if hasattr(m, "slim"):
+            m.forward = m.slim.original_forward
+            del m.slim
+        self._compiled_for = None
+
+
+def cost_fractions(variant: Variant, length: int, dims) -> tuple[float, float]:
+    from slimcompile.schedule import schedule_cost
+
+    if variant.kind != "slim" or variant.schedule is None:
+        return 1.0, 1.0
+    c = schedule_cost(variant.schedule, length, dims)
+    return c.flop_fraction, c.kv_fraction
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    n_samples: int,
+    variants: Sequence[Variant],
+    engine: str = "compiled",
+    inductor: bool = False,
+    seed: int = 0,
+    progress=None,
+    log=None,
+    checkpoint=None,
+) -> dict[str, Any]:
+    """Run every cell; returns {"cells": [...], "samples": [...]} (see `run` for the file format)."""
+    from slimcompile.schedule import ModelDims
+    from slimcompile.tasks import make_samples, score
+
+    dims = ModelDims.from_config(model.config, dtype_bytes=next(model.parameters()).element_size())
+    ev = Evaluator(model, tokenizer, engine=engine, inductor=inductor)
+    per_sample: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    try:
+        cell_samples = {(L, t): make_samples(t, L, tokenizer, n_samples, seed=seed) for L in lengths for t in tasks}
+        precomputed = None
+        if engine == "compiled" and not any(v.kind == "drop" for v in variants):
+            # Variant-outer order: each schedule is compiled once for the whole run.
+            precomputed = {key: [dict() for _ in ss] for key, ss in cell_samples.items()}
+            for v in variants:
+                t0 = time.perf_counter()
+                for key, ss in cell_samples.items():
+                    for i, s in enumerate(ss):
+                        precomputed[key][i].update(ev.run_sample(s, [v]))
+                if log:
+                    log(f"{v.name}: {sum(map(len, cell_samples.values()))} prompts in {time.perf_counter() - t0:.0f}s")
+        for length in lengths:
+            for task in tasks:
+                samples = cell_samples[(length, task)]
+                scores: dict[str, list[float]] = {v.name: [] for v in variants}
+                t0 = time.perf_counter()
+                if precomputed is not None:
+                    outs = precomputed[(length, task)]
+                else:
+                    outs = [ev.run_sample(s, variants) for s in samples]
+                for s, o in zip(samples, outs):
+                    for v in variants:
+                        text = _new_text(tokenizer, o[v.name])
+                        sc = score(s, text)
+                        scores[v.name].append(sc)
+                        per_sample.append(
+                            dict(task=task, length=length, n_tokens=s.n_tokens, seed=s.seed, depth=round(s.depth, 4),
+                                 variant=v.name, answer=s.answers, output=text, score=sc)
+                        )
+                full = scores["full"]
+                for v in variants:
+                    sc = scores[v.name]
+                    n = len(sc)
+                    acc = sum(sc) / n if n else float("nan")
+                    k = sum(1 for x in sc if x >= 1.0)
+                    lo, hi = wilson(k, n)
+                    flop, kv = cost_fractions(v, length, dims)
+                    cells.append(
+                        dict(
+                            task=task, length=length, variant=v.name, kind=v.kind, n=n, accuracy=acc,
+                            ci95=binomial_halfwidth(acc, n), wilson_lo=lo, wilson_hi=hi,
+                            full_right_variant_wrong=sum(1 for a, b in zip(full, sc) if a > b),
+                            variant_right_full_wrong=sum(1 for a, b in zip(full, sc) if b > a),
+                            flop_fraction=flop, kv_fraction=kv,
+                            mean_prompt_tokens=sum(s.n_tokens for s in samples) / max(1, len(samples)),
+                            options=v.options, drop_layer=v.drop_layer,
+                        )
+                    )
+                if log:
+                    accs = "  ".join(f"{v.name}={sum(scores[v.name]) / max(1, len(samples)):.2f}" for v in variants)
+                    log(f"\\[{task} @ {length}] n={len(samples)} {time.perf_counter() - t0:.0f}s  {accs}")
+                if progress:
+                    progress()
+                if checkpoint:
+                    checkpoint({"cells": cells, "samples": per_sample, "partial": True})
+    finally:
+        ev.restore()
+    return {"cells": cells, "samples": per_sample}
+
+
+# ---------------------------------------------------------------- output
+
+CSV_FIELDS = [
+    "task", "length", "variant", "kind", "n", "accuracy", "ci95", "wilson_lo", "wilson_hi",
+    "full_right_variant_wrong", "variant_right_full_wrong", "flop_fraction", "kv_fraction", "mean_prompt_tokens",
+]
+
+
+def write_outputs(result: dict[str, Any], out: str) -> tuple[str, str]:
+    """Write `out` (JSON) and the cell table next to it as CSV; returns both paths."""
+    root, ext = os.path.splitext(out)
+    csv_path = (root if ext.lower() == ".json" else out) + ".csv"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for c in result["cells"]:
+            w.writerow({k: (f"{c[k]:.4f}" if isinstance(c[k], float) else c[k]) for k in CSV_FIELDS})
+    return out, csv_path
+
+
+def render_table(result: dict[str, Any], console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    cells = result["cells"]
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    lengths = sorted({c["length"] for c in cells})
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    by = {(c["task"], c["length"], c["variant"]): c for c in cells}
+    t = Table(title="accuracy ±95% half-width; \\[full right & variant wrong / variant right & full wrong]; F = FLOP fraction")
+    t.add_column("variant", overflow="fold")
+    for L in lengths:
+        for task in tasks:
+            t.add_column(f"{task}\n@{L}", justify="right")
+    t.add_column("mean", justify="right")
+    for v in variants:
+        row, accs = [escape(v)], []
+        for L in lengths:
+            for task in tasks:
+                c = by.get((task, L, v))
+                if c is None:
+                    row.append("-")
+                    continue
+                accs.append(c["accuracy"])
+                txt = f"{c['accuracy']:.2f}±{c['ci95']:.2f}"
+                if c["kind"] != "full":
+                    txt += f"\n\\[{c['full_right_variant_wrong']}/{c['variant_right_full_wrong']}]"
+                if c["kind"] == "slim":
+                    txt += f"\nF {c['flop_fraction']:.2f}"
+                row.append(txt)
+        row.append(f"{sum(accs) / len(accs):.2f}" if accs else "-")
+        t.add_row(*row)
+    console.print(t)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from slimcompile.tasks import TASKS
+
+    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
+    p.add_argument("--tasks", default="passkey,needle,multikey", help=f"comma list from {','.join(TASKS)} (default passkey,needle,multikey)")
+    p.add_argument("--lengths", default="1K,2K,4K,7K", help="comma list of prompt lengths, e.g. 1K,2K or 1024,2048 (default 1K,2K,4K,7K)")
+    p.add_argument("--samples", type=int, default=10, help="samples per (task, length) cell (default 10; ~100 for +/-4 points at 1 s.e., ~250 for +/-5 at 95%%)")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="slim option for every schedule (JSON value, else string); repeatable")
+    p.add_argument("--schedule", action="append", metavar="JSON", help='a slim schedule as a JSON object of options, e.g. \'{"prune_layers":[14],"keep_ratio":0.2}\'; repeatable to compare schedules')
+    p.add_argument("--force-drop", action="append", type=int, default=[], metavar="L", help="diagnostic: drop exactly the needle's tokens after layer L (repeatable)")
+    p.add_argument("--no-slim", action="store_true", help="only the full model (and --force-drop variants)")
+    p.add_argument("--engine", choices=("compiled", "reference"), default="compiled", help="compiled: HF generate + slimcompile.compile (default); reference: plain-PyTorch layer loop sharing one full prefill per prompt (fast sweeps)")
+    p.add_argument("--inductor", action="store_true", help="lower the slim graph through Inductor (default: run the rewritten graph without Inductor)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write results as JSON and the table as FILE.csv")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _validate(args) -> None:
+    from slimcompile.tasks import TASKS
+
+    args.task_list = parse_csv_list(args.tasks)
+    bad = [t for t in args.task_list if t not in TASKS]
+    if bad or not args.task_list:
+        raise ValueError(f"--tasks: unknown task(s) {bad}; choose from {','.join(TASKS)}")
+    args.length_list = parse_lengths(args.lengths)
+    if not args.length_list:
+        raise ValueError("--lengths: give at least one length")
+    if args.samples < 1:
+        raise ValueError("--samples must be >= 1")
+    args.base_sets = parse_sets(args.sets)
+    if args.force_drop and args.engine == "compiled":
+        # The forced drop is a reference-loop diagnostic; run the whole comparison in that loop.
+        args.engine = "reference"
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from slimcompile.models import load
+
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    _validate(args)
+    device = args.device or default_device()
+    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else _null():
+        model, tokenizer = load(args.model, dtype=args.dtype, device=device)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; eval needs one")
+    variants = build_variants(args.base_sets, args.schedule, args.force_drop, model.config.num_hidden_layers, include_slim=not args.no_slim)
+    ctx = model.config.max_position_embeddings
+    too_long = [L for L in args.length_list if L > ctx]
+    if too_long:
+        err.print(f"[yellow]warning: lengths {too_long} exceed the model's context ({ctx})[/]")
+    log = None if args.quiet else (lambda m: err.print(m, highlight=False))
+    t0 = time.perf_counter()
+    checkpoint = (lambda partial: write_outputs(partial, args.out)) if args.out else None
+    result = evaluate(model, tokenizer, args.task_list, args.length_list, args.samples, variants,
+                      engine=args.engine, inductor=args.inductor, seed=args.seed, log=log, checkpoint=checkpoint)
+    elapsed = time.perf_counter() - t0
+    result["config"] = dict(
+        model=args.model, tasks=args.task_list, lengths=args.length_list, samples=args.samples,
+        engine=args.engine, inductor=args.inductor, device=device, dtype=args.dtype, seed=args.seed,
+        variants=[dict(name=v.name, kind=v.kind, options=v.options, drop_layer=v.drop_layer) for v in variants],
+        seconds=round(elapsed, 1), precision_note=precision_note(args.samples),
+        command="slimcompile eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
+    )
+    render_table(result, console)
+    console.print(precision_note(args.samples), highlight=False)
+    console.print(f"engine={args.engine}{' (inductor)' if args.inductor else ''}  device={device}  {elapsed:.0f}s", highlight=False)
+    if args.out:
+        j, c = write_outputs(result, args.out)
+        console.print(f"wrote {j} and {c}", highlight=False)
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

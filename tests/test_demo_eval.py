@@ -1,0 +1,114 @@
+"""CLI tests for demo / eval / calibrate: tiny model, short prompts, no Inductor (CPU, fast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from slimcompile.cli import main
+from slimcompile.options import parse_options
+
+TINY = ["--model", "tiny-llama"]
+SHORT = ["--set", "min_prune_len=128", "--set", "window=16", "--set", "sink=16", "--set", "block_size=16"]
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def test_demo_short_prompt(capsys):
+    rc = main(["demo", *TINY, "--length", "400", "--no-inductor", "--max-new-tokens", "8", *SHORT])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "plain model (eager)" in out and "slim (rewritten graph, no Inductor)" in out
+    assert "TTFT speedup" in out and "KV cache" in out
+    # pruning happened: the compact per-layer form shows a smaller count after the pruning layer
+    assert out.count("x") >= 2
+
+
+def test_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = main(["eval", *TINY, "--tasks", "passkey", "--lengths", "400", "--samples", "1", *SHORT,
+               "--schedule", '{"prune_layers":[1],"keep_ratio":0.5}', "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "per cell:" in text  # the precision note
+    res = json.loads(out.read_text())
+    assert {"cells", "samples", "config"} <= set(res)
+    names = {c["variant"] for c in res["cells"]}
+    assert "full" in names and any(n.startswith("slim(") for n in names)
+    for c in res["cells"]:
+        for key in ("task", "length", "n", "accuracy", "ci95", "flop_fraction", "kv_fraction",
+                    "full_right_variant_wrong", "variant_right_full_wrong"):
+            assert key in c
+    slim = next(c for c in res["cells"] if c["kind"] == "slim")
+    assert slim["flop_fraction"] < 1.0
+    rows = list(csv.DictReader(open(tmp_path / "res.csv")))
+    assert len(rows) == len(res["cells"]) and "accuracy" in rows[0]
+
+
+def test_eval_force_drop(tmp_path):
+    out = tmp_path / "drop.json"
+    rc = main(["eval", *TINY, "--tasks", "needle", "--lengths", "300", "--samples", "1", "--no-slim",
+               "--force-drop", "1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert {c["variant"] for c in res["cells"]} == {"full", "force-drop@L1"}
+    assert res["config"]["engine"] == "reference"
+
+
+def test_force_drop_matches_unpruned_when_nothing_dropped():
+    import torch
+
+    from slimcompile import evaluate as E
+    from slimcompile import reference
+    from slimcompile.models import load
+
+    model, _ = load("tiny-llama")
+    ids = torch.randint(0, 200, (1, 64), generator=torch.Generator().manual_seed(0))
+    a = E.force_drop_generate(model, ids, 1, [], 4, None)
+    b = reference.generate(model, ids, None, 4)[0, 64:].tolist()
+    assert a == b
+    trace = E.trace_full(model, ids, keep_layers=[1])
+    st = E.resume_prefill(model, trace, drop=(1, [10, 11, 12]))
+    assert st.keys[1].shape[2] == 64 and st.keys[2].shape[2] == 61
+
+
+def test_calibrate_writes_options(tmp_path, capsys):
+    out = tmp_path / "opts.json"
+    rc = main(["calibrate", *TINY, "--lengths", "300", "--tasks", "passkey", "--samples", "1",
+               "--probe-samples", "1", "--top-layers", "1", "--keep-ratios", "0.5", *SHORT,
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert {"options", "evidence"} <= set(data)
+    opts = parse_options({"options_file": str(out)})
+    assert opts.pruning and len(opts.prune_layers) == 1
+    assert len(data["evidence"]["needle_mass_per_layer"]) == 4
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["demo", "--length", "abc"], "bad length"),
+        (["demo", "--set", "keep_ratio=7"], "keep_ratio"),
+        (["demo", "--set", "nonsense"], "key=value"),
+        (["eval", "--tasks", "bogus"], "unknown task"),
+        (["eval", "--schedule", "[1,2]"], "JSON object"),
+        (["calibrate", "--keep-ratios", "2"], "keep-ratios"),
+        (["eval", "--model", "/no/such/folder", "--lengths", "300"], "not a model folder"),
+    ],
+)
+def test_bad_flags_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_unknown_flag_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--no-such-flag"])
+    assert e.value.code == 2
