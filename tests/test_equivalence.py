@@ -4,6 +4,8 @@ These run the rewritten FX graph without Inductor (`lower=False`): the rewrite s
 seconds. tests/test_inductor.py repeats the key checks through Inductor.
 """
 
+import operator
+
 import pytest
 import torch
 
@@ -195,3 +197,24 @@ def test_generate_compiles_once_for_every_prompt_length():
     decode = [c for c in COMPILATIONS if c.context.layer_map.has_past]
     assert len(prefill) == 1 and prefill[0].variant == "slim"
     assert len(decode) == 1, [str(c.context.layer_map.seq_len) for c in decode]
+
+
+def test_causal_mask_pass_leaves_no_mask_and_causal_sdpa():
+    from slimcompile.passes.layer_analysis import SDPA_TARGETS
+
+    model = tiny("llama", 2)
+    fast = torch.compile(model, backend=PASS_BACKEND, options={"enabled": False}, dynamic=True)
+    with torch.no_grad():
+        fast(ids(40), use_cache=True)
+    record = COMPILATIONS[-1]
+    nodes = list(record.graph.graph.nodes)
+    sdpa = [n for n in nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    assert len(sdpa) == 4
+    assert all(n.kwargs.get("attn_mask") is None and n.kwargs.get("is_causal") is True for n in sdpa)
+    # The [b, 1, S, S] mask and the index comparison that built it are gone from the graph.
+    assert not any(n.op == "call_function" and n.target in (operator.le, operator.ge) for n in nodes)
+    assert not any(
+        isinstance(v := n.meta.get("example_value"), torch.Tensor) and v.dtype == torch.bool and v.dim() == 4 for n in nodes
+    )
+    summary = next(r for r in record.records if r.name == "causal_mask")
+    assert summary.changed and summary.nodes_removed > 0
