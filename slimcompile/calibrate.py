@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -137,7 +138,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     log = (lambda m: None) if args.quiet else (lambda m: err.print(m, highlight=False))
 
-    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else _Null():
+    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else contextlib.nullcontext():
         model, tok = load(args.model, dtype=args.dtype, device=device)
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; calibrate needs one")
@@ -250,10 +251,3 @@ def run(args) -> int:
                   highlight=False)
     return 0
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

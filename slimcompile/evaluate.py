@@ -24,6 +24,7 @@ that drops the needle cannot be saved by later layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -176,8 +177,7 @@ def resume_prefill(model, trace: FullTrace, schedule=None, drop: tuple[int, Sequ
     Returns a :class:`slimcompile.reference.ReferenceState`.
     """
     from slimcompile import schedule as sched
-    from slimcompile.reference import ReferenceState, _attend
-    from slimcompile.runtime import scoring_torch
+    from slimcompile.reference import ReferenceState, _attend, select_kept
 
     S = trace.S
     events: dict[int, Any] = {}
@@ -206,16 +206,8 @@ def resume_prefill(model, trace: FullTrace, schedule=None, drop: tuple[int, Sequ
         ev = events.get(li)
         if ev is None:
             continue
-        L = h.shape[1]
         if ev[0] == "prune":
-            o = schedule.options
-            n, k_blocks, _ = sched.kept_length(schedule, ev[1], L)
-            qw = q[:, :, -o.window :]
-            if o.scoring == "attention":
-                scores = scoring_torch.attention_block_scores(qw, k, q.shape[-1] ** -0.5, o.sink, o.block_size, n, o.pooling)
-            else:
-                scores = scoring_torch.tokenunit_block_scores(qw, k, o.sink, o.block_size, o.unit_size, n)
-            idx = scoring_torch.select_token_indices(scores, L, o.sink, o.block_size, k_blocks)
+            idx = select_kept(schedule, ev[1], q, k)
         else:
             # Positions are original indices; map them to the current (possibly pruned) rows.
             gone = torch.zeros(S, dtype=torch.bool, device=dev)
@@ -594,7 +586,7 @@ def run(args) -> int:
     err = Console(stderr=True)
     _validate(args)
     device = args.device or default_device()
-    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else _null():
+    with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else contextlib.nullcontext():
         model, tokenizer = load(args.model, dtype=args.dtype, device=device)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; eval needs one")
@@ -624,10 +616,3 @@ def run(args) -> int:
         console.print(f"wrote {j} and {c}", highlight=False)
     return 0
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 # Defaults chosen by the sweep in docs/accuracy.md (SmolLM2-135M, 1K/2K, 8-10 samples per
 # cell): one prune after L20 of 30 keeping 20% of the blocks lost 1 of 48 prompt pairs

@@ -47,6 +47,19 @@ def _attend(layer, h, cos, sin, past_k=None, past_v=None, is_causal=True):
     return h, q, k, v
 
 
+def select_kept(schedule: LayerSchedule, i: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[b, kept] rows kept at the i-th pruning layer, from that layer's post-RoPE q [b,Hq,L,d] and k."""
+    o = schedule.options
+    L = k.shape[2]
+    n, k_blocks, _ = sched.kept_length(schedule, i, L)
+    qw = q[:, :, -o.window :]
+    if o.scoring == "attention":
+        scores = scoring_torch.attention_block_scores(qw, k, q.shape[-1] ** -0.5, o.sink, o.block_size, n, o.pooling)
+    else:
+        scores = scoring_torch.tokenunit_block_scores(qw, k, o.sink, o.block_size, o.unit_size, n)
+    return scoring_torch.select_token_indices(scores, L, o.sink, o.block_size, k_blocks)
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, schedule: LayerSchedule | None) -> ReferenceState:
     inner = model.model
@@ -63,17 +76,7 @@ def prefill(model, input_ids: torch.Tensor, schedule: LayerSchedule | None) -> R
         keys.append(k)
         values.append(v)
         if li in prune_at:
-            o = schedule.options
-            L = h.shape[1]
-            n, k_blocks, _ = sched.kept_length(schedule, prune_at[li], L)
-            qw = q[:, :, -o.window :]
-            if o.scoring == "attention":
-                scores = scoring_torch.attention_block_scores(
-                    qw, k, q.shape[-1] ** -0.5, o.sink, o.block_size, n, o.pooling
-                )
-            else:
-                scores = scoring_torch.tokenunit_block_scores(qw, k, o.sink, o.block_size, o.unit_size, n)
-            idx = scoring_torch.select_token_indices(scores, L, o.sink, o.block_size, k_blocks)
+            idx = select_kept(schedule, prune_at[li], q, k)
             h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
             cos = torch.gather(cos, 1, idx[..., None].expand(-1, -1, cos.shape[-1]))
             sin = torch.gather(sin, 1, idx[..., None].expand(-1, -1, sin.shape[-1]))
