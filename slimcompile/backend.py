@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import warnings
@@ -196,8 +197,7 @@ def _maybe_dump(record: Compilation) -> None:
         return
     from slimcompile.inspect_dump import dump_compilation
 
-    dump_compilation(record, os.path.join(root, f"compile_{len(_dump_index)}"))
-    _dump_index.append(1)
+    dump_compilation(record, os.path.join(root, f"compile_{next(_dump_counter)}"))
 
 
-_dump_index: list[int] = []
+_dump_counter = itertools.count()
