@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimcompile.backend import run_passes
+from slimcompile.backend import graph_fake_mode, run_passes
 from slimcompile.options import parse_options
 
 
@@ -24,12 +24,8 @@ def captured():
     box = {}
 
     def grab(gm, example_inputs):
-        from torch._subclasses.fake_tensor import FakeTensor
-
         box["gm"] = gm
-        box["fake_mode"] = next(
-            v.fake_mode for n in gm.graph.nodes if isinstance(v := n.meta.get("example_value"), FakeTensor)
-        )
+        box["fake_mode"] = graph_fake_mode(gm)
         return gm.forward
 
     torch._dynamo.reset()

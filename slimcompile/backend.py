@@ -62,6 +62,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def graph_fake_mode(gm: fx.GraphModule) -> Any:
+    """The fake mode of Dynamo's example values (not the tracing context's): the passes
+    re-propagate shapes under it, and its shape env is the one Dynamo installs guards from."""
+    return next((v.fake_mode for n in gm.graph.nodes if isinstance(v := example_value(n), FakeTensor)), None)
+
+
 def _padding_inputs(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [
@@ -160,10 +166,7 @@ def slim_backend(
     Inductor: the same rewrite semantics in seconds, which pass tests use.
     """
     opts = options if isinstance(options, SlimOptions) else parse_options(options)
-    # The fake mode of Dynamo's example values (not of example_inputs): guards go to its shape env.
-    fake_mode = next(
-        (v.fake_mode for n in gm.graph.nodes if isinstance(v := example_value(n), FakeTensor)), None
-    )
+    fake_mode = graph_fake_mode(gm)
     padding = _padding_inputs(gm)
     if not (opts.pruning and padding):
         compiled, _ = _compile_variant(gm, example_inputs, opts, fake_mode, False, lower)
