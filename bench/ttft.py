@@ -29,6 +29,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "slim-off": {"enabled": False},
     "slim-default": {},
     "R1": {"prune_layers": [8, 16, 24], "keep_ratio": 0.5},
+    # DESIGN.md's prototype pruned "after layers 8/16/24" counting from 1: our 0-based [7, 15, 23]
+    "R1-proto": {"prune_layers": [7, 15, 23], "keep_ratio": 0.5},
     "R2": {"prune_layers": [10, 20, 30], "keep_tokens": [8192, 4096, 2048], "scoring": "tokenunit"},
 }
 
@@ -95,7 +97,7 @@ def make_fn(name: str, model: torch.nn.Module) -> Callable:
 
 
 def compilations(name: str) -> int:
-    if name.startswith("slim") or name in ("R1", "R2"):
+    if name not in ("eager", "inductor"):
         from slimcompile.backend import COMPILATIONS
 
         return len(COMPILATIONS)

@@ -204,11 +204,13 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
                 raise _err("keep_ratio", ratio, "each ratio must lie in (0, 1]")
     if tokens is not None and n > 0:
         tokens_t = _per_layer("keep_tokens", tokens, n, int)
-        floor = v["sink"] + v["window"] + v["block_size"]
+        # Two blocks above sink + window: whatever the tail, at least one block is kept, so the
+        # kept block count is >= 1 and sympy can treat it as positive (see slimcompile.schedule).
+        floor = v["sink"] + v["window"] + 2 * v["block_size"]
         for t in tokens_t:
             if t < floor:
                 raise _err(
-                    "keep_tokens", tokens, f"each budget must be >= sink + window + block_size = {floor}"
+                    "keep_tokens", tokens, f"each budget must be >= sink + window + 2 * block_size = {floor}"
                 )
         if any(b > a for a, b in zip(tokens_t, tokens_t[1:])):
             raise _err("keep_tokens", tokens, "budgets must not grow from one pruning layer to the next")

@@ -1,0 +1,74 @@
+"""Which guard makes a ratio schedule recompile per prompt length on CUDA? (diagnostic)
+
+Compiles a small LLaMA with a two-layer ratio schedule, runs several prompt lengths, and prints
+every shape guard that pins a length expression to a number, with the stack that added it. Run
+once with the Triton scoring path and once with SLIM_SCORING_IMPL=torch to bisect.
+
+    python bench/recompile_probe.py [--impl triton|torch] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+
+import torch
+from torch.fx.experimental import symbolic_shapes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", default="4000,5000,6500,9000")
+    args = p.parse_args()
+    os.environ["SLIM_SCORING_IMPL"] = args.impl
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import slimcompile  # noqa: F401
+    from slimcompile.backend import COMPILATIONS
+
+    from slimcompile.passes import shape_prop
+
+    seen = []
+    current = {}
+    orig_run_node = shape_prop._FakeProp.run_node
+
+    def run_node(self, n):
+        current["node"] = n
+        return orig_run_node(self, n)
+
+    shape_prop._FakeProp.run_node = run_node
+    orig = symbolic_shapes.ShapeEnv._log_guard
+
+    def log_guard(self, prefix, g, forcing_spec):
+        s = str(g)
+        if ("Eq(" in s or "==" in s) and ("//" in s or "floor" in s.lower()) and len(seen) < 6:
+            stack = traceback.extract_stack()[:-1]
+            seen.append(s)
+            node = current.get("node")
+            where = node.format_node() if node is not None else "-"
+            print(f"GUARD {s}\nNODE {where}\n" + "".join(traceback.format_list(stack[-30:])), flush=True)
+        return orig(self, prefix, g, forcing_spec)
+
+    symbolic_shapes.ShapeEnv._log_guard = log_guard
+    torch._dynamo.config.specialize_float = True
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    opts = {"prune_layers": [1, 3], "keep_ratio": 0.5, "block_size": 32, "window": 32, "sink": 32, "min_prune_len": 512}
+    fn = torch.compile(model, backend="slim", options=opts, dynamic=True)
+    with torch.no_grad():
+        for n in (int(x) for x in args.lengths.split(",")):
+            before = len(COMPILATIONS)
+            fn(torch.randint(0, 1024, (1, n), device=args.device), use_cache=True, logits_to_keep=1)
+            print(f"impl={args.impl} length {n}: +{len(COMPILATIONS) - before} compilations", flush=True)
+    print(f"impl={args.impl} total compilations {len(COMPILATIONS)} for {args.lengths}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
