@@ -69,11 +69,11 @@ class _Emitter:
         self.added.append(node)
         return node
 
-    def arith(self, fn: Any, *inputs: Any) -> Any:
-        """Emit the SymInt arithmetic of `fn(*inputs)` as operator.* nodes (ints pass through)."""
+    def arith(self, fn: Any, length: fx.Node) -> Any:
+        """Emit the SymInt arithmetic of `fn(length)` as operator.* nodes."""
         with self.graph.inserting_before(self.anchor):
             before = set(self.graph.nodes)
-            out = fn(*(Proxy(x, self.tracer) if isinstance(x, fx.Node) else x for x in inputs))
+            out = fn(Proxy(length, self.tracer))
             self.added.extend(n for n in self.graph.nodes if n not in before)
         return _unwrap(out)
 
@@ -103,11 +103,7 @@ def _replace_literal(arg: Any, old: int, new: int) -> Any:
     return arg
 
 
-def _prune_after(
-    gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any, cur_node: Any, blocks: Any
-) -> tuple[Any, Any, Any]:
-    """Prune after `layer`; `blocks` = ((n, r) values, (n, r) args) of its input, or None at the first
-    pruning layer. Returns the kept length (value, arg) and the next layer's `blocks`."""
+def _prune_after(gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any, cur_node: Any) -> tuple[Any, Any]:
     o = ctx.options
     graph = gm.graph
     order = {n: j for j, n in enumerate(graph.nodes)}
@@ -115,25 +111,21 @@ def _prune_after(
     later = [n for n in graph.nodes if order[n] > cut and n.op != "output"]
     later_set = set(later)
 
+    fits = sched.budget_fits(ctx.schedule, i, cur_val)
+    n_val, k_val, kept_val = sched.kept_length(ctx.schedule, i, cur_val, fits)
     static = not _is_sym(cur_val)
     if static and cur_val in _model_dims(layer):
         raise UnsupportedGraph(
             f"static prompt length {cur_val} equals a model dimension, so its literal uses are ambiguous; "
             "compile with dynamic=True (or call slimcompile.compile) to prune this length"
         )
-    fits = sched.budget_fits(ctx.schedule, i, cur_val)
-    em = _Emitter(graph, layer.residual_out.next)
-    if blocks is None:  # first pruning layer: split the prompt length into blocks and tail
-        split = lambda L: sched.split_length(L, o.sink, o.window, o.block_size)  # noqa: E731
-        blocks = (split(cur_val), split(cur_val) if static else em.arith(split, cur_node))
-    (n_in, r_val), (n_in_arg, r_arg) = blocks
-    n_val, k_val, kept_val = sched.kept_length(ctx.schedule, i, cur_val, fits, (n_in, r_val))
 
+    em = _Emitter(graph, layer.residual_out.next)
     if static:
         n_arg, k_arg, kept_arg = n_val, k_val, kept_val
     else:
         n_arg, k_arg, kept_arg = em.arith(
-            lambda L, n, r: sched.kept_length(ctx.schedule, i, L, fits, (n, r)), cur_node, n_in_arg, r_arg
+            lambda L: sched.kept_length(ctx.schedule, i, L, fits), cur_node
         )
     q, k = layer.q, layer.k
     head_dim = example_value(q).shape[-1]
@@ -142,7 +134,7 @@ def _prune_after(
         torch.ops.slim.block_scores.default,
         q_win, k, float(head_dim) ** -0.5, o.sink, o.block_size, n_arg, o.scoring, o.pooling, o.unit_size,
     )
-    idx = em.call(torch.ops.slim.select_tokens.default, scores, cur_node, o.sink, o.block_size, k_arg, kept_arg)
+    idx = em.call(torch.ops.slim.select_tokens.default, scores, cur_node, o.sink, o.block_size, k_arg)
 
     def gather(src: fx.Node) -> fx.Node:
         val = example_value(src)
@@ -217,7 +209,7 @@ def _prune_after(
             "nodes_repropagated": refreshed,
         }
     )
-    return kept_val, kept_arg, ((k_val, r_val), (k_arg, r_arg))
+    return kept_val, kept_arg
 
 
 def _replace_sym(user: fx.Node, old: fx.Node, new: Any) -> None:
@@ -249,14 +241,13 @@ def token_prune_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
     if _is_sym(seq) and seq_node is None:
         raise UnsupportedGraph(f"no graph input carries the sequence length {seq}")
     cur_val, cur_node = seq, (seq_node if _is_sym(seq) else seq)
-    blocks = None
     for i, layer_idx in enumerate(schedule.layers):
         kind, value = schedule.keep_at(i)
         if kind == "tokens" and _is_sym(cur_val):
             ctx.guards.append(
                 f"{cur_val} {'<=' if sched.budget_fits(schedule, i, cur_val) else '>'} {value}  (keep_tokens at layer {layer_idx})"
             )
-        cur_val, cur_node, blocks = _prune_after(gm, ctx, i, lm.layers[layer_idx], cur_val, cur_node, blocks)
+        cur_val, cur_node = _prune_after(gm, ctx, i, lm.layers[layer_idx], cur_val, cur_node)
     gm.graph.eliminate_dead_code()
     kept = ", ".join(f"L{p['layer']}: {p['length_in']} -> {p['kept_length']}" for p in ctx.prune)
     return PassResult(True, f"pruned after {len(ctx.prune)} layer(s): {kept}", {"prune": ctx.prune, "guards": ctx.guards})

@@ -42,19 +42,12 @@ def block_scores(
 
 
 @torch.library.custom_op("slim::select_tokens", mutates_args=())
-def select_tokens(scores: torch.Tensor, length: int, sink: int, block_size: int, keep: int, kept: int) -> torch.Tensor:
-    """[b, kept] int64 indices of the tokens that go on, in increasing order.
-
-    `kept` (= length - (n_blocks - keep) * block_size) is passed in rather than derived so that
-    the output's symbolic length is the caller's closed form (`schedule.kept_length`), which
-    sympy can see is positive; the derived form is not (see `slimcompile.schedule`).
-    """
-    n = scores.shape[1]
-    if kept != length - (n - keep) * block_size:
-        raise ValueError(f"kept={kept} but length {length} - ({n} - {keep}) * {block_size} blocks leaves {length - (n - keep) * block_size}")
+def select_tokens(scores: torch.Tensor, length: int, sink: int, block_size: int, keep: int) -> torch.Tensor:
+    """[b, kept] int64 indices of the tokens that go on, in increasing order."""
     return scoring_torch.select_token_indices(scores, length, sink, block_size, keep)
 
 
 @select_tokens.register_fake
-def _(scores, length, sink, block_size, keep, kept):
-    return scores.new_empty((scores.shape[0], kept), dtype=torch.int64)
+def _(scores, length, sink, block_size, keep):
+    n = scores.shape[1]
+    return scores.new_empty((scores.shape[0], length - (n - keep) * block_size), dtype=torch.int64)

@@ -10,15 +10,6 @@ with n = (L - sink - window) // block_size, so window <= window_eff < window + b
 the tail that does not fill a block is kept with the window. Kept length after keeping
 k blocks is L - (n - k) * block_size. Blocks of later pruning layers coincide with the
 original blocks, because the kept prefix/suffix lengths do not change.
-
-On SymInts the kept length is written as sink + window + r + k * block_size with
-r = (L - sink - window) mod block_size and n, k clamped at 1 (`torch.sym_max`), so that
-sympy sees it is positive from the form alone. The equivalent L - (n - k) * block_size is
-not provably positive; fake tensors of that length then get strides like 512*Max(1, kept),
-whose contiguity checks inside CUDA kernels' fake implementations call `sizes()` and pin the
-length to the first prompt's value (one recompilation per prompt length on CUDA).
-Later pruning layers take (n, r) from the previous one (`blocks=`) instead of recomputing
-them from the kept length, which keeps the expressions short.
 """
 
 from __future__ import annotations
@@ -26,24 +17,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
-
 from slimcompile.options import LayerSchedule
 
 
 def num_blocks(length: Any, sink: int, window: int, block_size: int) -> Any:
     return (length - sink - window) // block_size
-
-
-def split_length(length: Any, sink: int, window: int, block_size: int) -> tuple[Any, Any]:
-    """(n, r): length = sink + n * block_size + window + r, 0 <= r < block_size, n >= 1.
-
-    Meaningful for length >= sink + window + block_size, which min_prune_len guarantees on the
-    pruned path; n is clamped at 1 so that sympy knows it (a [b, n] score tensor then has
-    stride n, not Max(1, n)).
-    """
-    body = length - sink - window
-    return torch.sym_max(body // block_size, 1), body % block_size
 
 
 def keep_blocks(schedule: LayerSchedule, i: int, length: Any, n: Any, fits: bool | None = None) -> Any:
@@ -53,14 +31,12 @@ def keep_blocks(schedule: LayerSchedule, i: int, length: Any, n: Any, fits: bool
     SymInt that becomes a shape guard (one more compilation at most), never a runtime branch.
     """
     kind, value = schedule.keep_at(i)
-    # Both forms are >= 1 for n >= 1 (ratio > 0; budgets >= sink + window + 2 * block_size);
-    # the clamp only tells sympy so (see the module docstring).
     if kind == "ratio":
         p, q = value.numerator, value.denominator
-        return torch.sym_max((n * p + q - 1) // q, 1)  # ceil(n * ratio): ratio 1.0 keeps every block
+        return (n * p + q - 1) // q  # ceil(n * ratio): ratio 1.0 keeps every block
     if (length <= value) if fits is None else fits:
         return n
-    return torch.sym_max(n - (length - value + schedule.options.block_size - 1) // schedule.options.block_size, 1)
+    return n - (length - value + schedule.options.block_size - 1) // schedule.options.block_size
 
 
 def budget_fits(schedule: LayerSchedule, i: int, length: Any) -> bool | None:
@@ -69,18 +45,12 @@ def budget_fits(schedule: LayerSchedule, i: int, length: Any) -> bool | None:
     return bool(length <= value) if kind == "tokens" else None
 
 
-def kept_length(
-    schedule: LayerSchedule, i: int, length: Any, fits: bool | None = None, blocks: tuple[Any, Any] | None = None
-) -> tuple[Any, Any, Any]:
-    """(n_blocks, kept_blocks, kept_length) at the i-th pruning layer for an input of `length`.
-
-    `blocks`: (n, r) of this input as `split_length` defines them, when already known (the
-    previous pruning layer's kept blocks and the prompt's r); derived from `length` otherwise.
-    """
+def kept_length(schedule: LayerSchedule, i: int, length: Any, fits: bool | None = None) -> tuple[Any, Any, Any]:
+    """(n_blocks, kept_blocks, kept_length) at the i-th pruning layer for an input of `length`."""
     o = schedule.options
-    n, r = blocks if blocks is not None else split_length(length, o.sink, o.window, o.block_size)
+    n = num_blocks(length, o.sink, o.window, o.block_size)
     k = keep_blocks(schedule, i, length, n, fits)
-    return n, k, o.sink + o.window + r + k * o.block_size
+    return n, k, length - (n - k) * o.block_size
 
 
 def prunes(schedule: LayerSchedule, prompt_len: Any) -> bool:

@@ -24,7 +24,7 @@ from slimcompile.options import DEFAULTS, SlimOptionError, parse_options
         ({"prune_layers": [1.5]}, ["prune_layers", "0 < f < 1"]),
         ({"enabled": "yes"}, ["enabled", "True or False"]),
         ({"scoring": "tokenunit", "block_size": 12, "unit_size": 8}, ["unit_size", "divide"]),
-        ({"keep_tokens": 31, "sink": 8, "window": 8, "block_size": 8}, ["keep_tokens", ">= sink + window + 2 * block_size = 32"]),
+        ({"keep_tokens": 16, "sink": 8, "window": 8, "block_size": 8}, ["keep_tokens", ">= sink + window + block_size"]),
         ({"min_prune_len": 8}, ["min_prune_len", "one prunable block"]),
     ],
 )
