@@ -35,6 +35,18 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--out, --device and the model shape (LLaMA-3.1-8B by default), shared with bench/e2e.py."""
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -192,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for default Inductor (its S x S mask)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
+    add_model_args(p)
     p.add_argument("--set", action="append", default=[], help="VARIANT:key=json override, e.g. R1:keep_ratio=0.4")
     p.add_argument(
         "--no-specialize-float",

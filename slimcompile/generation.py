@@ -6,6 +6,12 @@
 prefill and decode. It also drops inputs that equal their defaults when the prompt has no
 padding (an all-ones `attention_mask`, and `position_ids`/`cache_position` derived from it),
 so the graph sees a pure causal mask; the padding check runs once per generation.
+
+Decode (`options.kv`): with "resident" (default) or "offload", an unpadded prefill's per-layer
+KV is moved into a `runtime.kv_cache.SlimKVCache`, which `generate` then passes back; calls that
+carry it run `runtime.decode.StaticDecoder` (static buffers, CUDA-graph replay on CUDA) instead
+of the compiled graph. With "dynamic", or a padded batch, decode stays on transformers'
+DynamicCache through the compiled decode graph.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from typing import Any
 
 import torch
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
+from slimcompile.runtime.decode import StaticDecoder
+from slimcompile.runtime.kv_cache import SlimKVCache
 
 
 @dataclasses.dataclass
@@ -45,6 +55,25 @@ def _unpadded(kwargs: dict[str, Any]) -> bool:
     return known
 
 
+def _has_kv(out: Any) -> bool:
+    cache = getattr(out, "past_key_values", None)
+    return cache is not None and len(getattr(cache, "layers", ())) > 0 and getattr(cache.layers[0], "keys", None) is not None
+
+
+def _decode(model: torch.nn.Module, cache: SlimKVCache, input_ids: torch.Tensor | None, opts: SlimOptions) -> Any:
+    """One generated token through the runtime decoder (`kv='resident'` / `'offload'`)."""
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+        shape = None if input_ids is None else tuple(input_ids.shape)
+        raise ValueError(
+            f"kv={opts.kv!r} decodes one token per sequence per call (input_ids [batch, 1]); got {shape}. "
+            "Use kv='dynamic' for multi-token continuation (e.g. assisted generation)"
+        )
+    if cache.decoder is None:
+        cache.decoder = StaticDecoder(model, cache, input_ids.shape[0], use_graph=opts.cuda_graphs)
+    logits = cache.decoder.step(input_ids)
+    return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+
 def compile(
     model: torch.nn.Module,
     *,
@@ -69,13 +98,25 @@ def compile(
 
     @functools.wraps(original)
     def forward(*args: Any, **kw: Any) -> Any:
-        if _unpadded(kw):
+        cache = kw.get("past_key_values")
+        if isinstance(cache, SlimKVCache):
+            return _decode(model, cache, args[0] if args else kw.get("input_ids"), opts)
+        fresh = cache is None or cache.get_seq_length() == 0
+        unpadded = _unpadded(kw)
+        if unpadded:
             for key in ("attention_mask", "position_ids", "cache_position"):
                 kw.pop(key, None)
         # Lifted float attributes (eps, scaling) otherwise make AOTAutograd restart Dynamo's
         # analysis to specialise them, which doubles the first compile.
         with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args, **kw)
+            out = compiled(*args, **kw)
+        prompt = args[0] if args else kw.get("input_ids")
+        if opts.kv != "dynamic" and fresh and unpadded and prompt is not None and _has_kv(out):
+            layers = out.past_key_values.layers
+            out.past_key_values = SlimKVCache.from_prefill(
+                [layer.keys for layer in layers], [layer.values for layer in layers], prompt.shape[1], opts
+            )
+        return out
 
     model.forward = forward
     model.slim = SlimHandle(opts, compiled, original)

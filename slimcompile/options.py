@@ -31,6 +31,11 @@ DEFAULTS: dict[str, Any] = {
     "min_prune_len": 512,
     "pooling": "max",
     "enabled": True,
+    "kv": "resident",
+    "decode_budget": 2048,
+    "swap_threshold": 0.9,
+    "decode_reserve": 256,
+    "cuda_graphs": True,
 }
 
 HELP: dict[str, str] = {
@@ -45,9 +50,16 @@ HELP: dict[str, str] = {
     "min_prune_len": "prompts shorter than this are not pruned (a shape guard, not a runtime branch)",
     "pooling": "'max' or 'mean' pooling of token scores within a block (scoring='attention')",
     "enabled": "False: only the exact rewrites (causal mask), no pruning",
+    "kv": "decode KV: 'resident' (per-layer static buffers on the device), 'offload' (prompt blocks in pinned "
+    "host memory, an active set on the device) or 'dynamic' (transformers' DynamicCache through the compiled graph)",
+    "decode_budget": "kv='offload': prompt tokens per layer in the device's active block set (besides sink, tail, generated)",
+    "swap_threshold": "kv='offload': swap in a new block set only when it overlaps the active one by less than this (0..1]",
+    "decode_reserve": "kv='resident'/'offload': rows reserved for generated tokens; buffers grow by this much when full",
+    "cuda_graphs": "kv='resident'/'offload' on CUDA: replay the decode step as a CUDA graph",
 }
 
 SCORINGS = ("attention", "tokenunit")
+KV_MODES = ("resident", "offload", "dynamic")
 POOLINGS = ("max", "mean")
 
 
@@ -74,6 +86,11 @@ class SlimOptions:
     min_prune_len: int
     pooling: str
     enabled: bool
+    kv: str = "resident"
+    decode_budget: int = 2048
+    swap_threshold: float = 0.9
+    decode_reserve: int = 256
+    cuda_graphs: bool = True
 
     @property
     def pruning(self) -> bool:
@@ -204,13 +221,11 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
                 raise _err("keep_ratio", ratio, "each ratio must lie in (0, 1]")
     if tokens is not None and n > 0:
         tokens_t = _per_layer("keep_tokens", tokens, n, int)
-        # Two blocks above sink + window: whatever the tail, at least one block is kept, so the
-        # kept block count is >= 1 and sympy can treat it as positive (see slimcompile.schedule).
-        floor = v["sink"] + v["window"] + 2 * v["block_size"]
+        floor = v["sink"] + v["window"] + v["block_size"]
         for t in tokens_t:
             if t < floor:
                 raise _err(
-                    "keep_tokens", tokens, f"each budget must be >= sink + window + 2 * block_size = {floor}"
+                    "keep_tokens", tokens, f"each budget must be >= sink + window + block_size = {floor}"
                 )
         if any(b > a for a, b in zip(tokens_t, tokens_t[1:])):
             raise _err("keep_tokens", tokens, "budgets must not grow from one pruning layer to the next")
@@ -218,6 +233,16 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
     need = v["sink"] + v["window"] + v["block_size"]
     if enabled and n > 0 and min_len < need:
         raise _err("min_prune_len", min_len, f"must be >= sink + window + block_size = {need} (one prunable block)")
+
+    if v["kv"] not in KV_MODES:
+        raise _err("kv", v["kv"], f"allowed: {list(KV_MODES)}")
+    _positive_int("decode_budget", v["decode_budget"])
+    _positive_int("decode_reserve", v["decode_reserve"])
+    thr = v["swap_threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 < thr <= 1.0:
+        raise _err("swap_threshold", thr, "must be a number in (0, 1]")
+    if not isinstance(v["cuda_graphs"], bool):
+        raise _err("cuda_graphs", v["cuda_graphs"], "must be True or False")
 
     return SlimOptions(
         prune_layers=tuple(layers),
@@ -231,4 +256,9 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         min_prune_len=min_len,
         pooling=v["pooling"],
         enabled=enabled,
+        kv=v["kv"],
+        decode_budget=v["decode_budget"],
+        swap_threshold=float(thr),
+        decode_reserve=v["decode_reserve"],
+        cuda_graphs=v["cuda_graphs"],
     )

@@ -1,0 +1,196 @@
+"""End-to-end generation benchmark (prefill + decode) on a LLaMA-3.1-8B-shaped model.
+
+Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
+  hf-eager            `model.generate` with transformers' default DynamicCache
+  hf-static-compiled  a StaticCache, so generate compiles the decode step (transformers' fast path)
+  hf-offload          DynamicCache(offloading=True), transformers' own KV offload
+  slim-resident       slimcompile.compile(model) (default schedule, kv="resident", CUDA graphs)
+  slim-offload        the same with kv="offload"
+and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
+ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
+and for slim the prompt KV kept on the GPU. For slim-offload it also profiles a few decode steps
+and reports how much of the block-copy kernels' time overlaps other kernels (trace in OUT).
+Rows go to OUT/e2e.jsonl as they are measured.
+
+    python bench/e2e.py --out /tmp/e2e                                    # H200
+    python bench/e2e.py --device cpu --layers 2 --hidden 128 --lengths 600 --new 4 --out /tmp/e2e   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ttft import add_model_args, build_model  # noqa: E402
+
+VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_generate(model, x, new, device, **kw) -> tuple[float, Any]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, return_dict_in_generate=True, **kw)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def _kv_bytes(cache) -> dict[str, int]:
+    from slimcompile.runtime.kv_cache import SlimKVCache
+
+    if isinstance(cache, SlimKVCache):
+        b = cache.bytes()
+        return {"gpu_kv": b.gpu, "host_kv": b.host, "gpu_prompt_kv": cache.prompt_bytes_on_device()}
+    gpu = host = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is None:
+                continue
+            n = t.numel() * t.element_size()
+            if t.is_cuda:
+                gpu += n
+            else:
+                host += n
+    return {"gpu_kv": gpu, "host_kv": host}
+
+
+def _cache_kwargs(name: str, model, length: int, new: int) -> dict:
+    from transformers import DynamicCache, StaticCache
+
+    if name == "hf-static-compiled":
+        return {"past_key_values": StaticCache(config=model.config, max_cache_len=length + new)}
+    if name == "hf-offload":
+        return {"past_key_values": DynamicCache(config=model.config, offloading=True)}
+    return {}
+
+
+def _overlap_from_trace(path: str) -> dict[str, float]:
+    """Fraction of block-copy kernel time that overlaps other kernels on other streams."""
+    with open(path) as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    copies = [e for e in kernels if "copy_blocks" in e.get("name", "")]
+    others = [e for e in kernels if "copy_blocks" not in e.get("name", "")]
+    total = sum(e["dur"] for e in copies)
+    overlapped = 0.0
+    for c in copies:
+        c0, c1, cs = c["ts"], c["ts"] + c["dur"], c.get("args", {}).get("stream")
+        spans = sorted((max(c0, o["ts"]), min(c1, o["ts"] + o["dur"])) for o in others
+                       if o.get("args", {}).get("stream") != cs and o["ts"] < c1 and o["ts"] + o["dur"] > c0)
+        covered, end = 0.0, c0
+        for a, b in spans:
+            a = max(a, end)
+            if b > a:
+                covered += b - a
+                end = b
+        overlapped += covered
+    step_us = sum(e["dur"] for e in others)
+    return {"copy_kernels": len(copies), "copy_us": total, "copy_overlapped_frac": overlapped / total if total else 0.0,
+            "other_kernel_us": step_us}
+
+
+def profile_offload_steps(model, cache, tok, out_dir: str, steps: int = 6) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = cache.decoder
+    for _ in range(2):
+        dec.step(tok)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.step(tok)
+        torch.cuda.synchronize()
+    path = os.path.join(out_dir, "slim_offload_decode_trace.json")
+    prof.export_chrome_trace(path)
+    stats = _overlap_from_trace(path)
+    stats["swaps"] = int(sum(int(l.swaps.sum()) for l in cache.layers if not l.all_resident))
+    stats["blocks_copied"] = int(sum(int(l.blocks_copied) for l in cache.layers if not l.all_resident))
+    return stats
+
+
+def run_variant(name: str, model, lengths, args, f) -> None:
+    import slimcompile
+
+    if name.startswith("slim"):
+        opts = {"kv": "offload" if name == "slim-offload" else "resident"}
+        opts.update(json.loads(args.slim_options))
+        slimcompile.compile(model, **opts)
+    try:
+        for i, L in enumerate(lengths):
+            new = args.offload_new if name == "hf-offload" else args.new
+            if (name == "hf-offload" and L > args.offload_max) or (name == "hf-static-compiled" and L > args.static_max):
+                continue
+            x = torch.randint(0, model.config.vocab_size, (1, L), device=args.device)
+            t0 = time.perf_counter()
+            if i == 0 or name == "hf-static-compiled":  # warm-up: compiles (static cache: per length)
+                _timed_generate(model, x, new if name == "hf-static-compiled" else 2, args.device,
+                                **_cache_kwargs(name, model, L, new))
+            warm_s = time.perf_counter() - t0
+            ttft, _ = _timed_generate(model, x, 1, args.device, **_cache_kwargs(name, model, L, new))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            e2e, out = _timed_generate(model, x, new, args.device, **_cache_kwargs(name, model, L, new))
+            row = {"variant": name, "length": L, "new": new, "ttft_ms": ttft, "e2e_ms": e2e,
+                   "decode_ms_per_token": (e2e - ttft) / (new - 1), "warmup_s": warm_s,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
+                   **_kv_bytes(out.past_key_values)}
+            if name == "slim-offload" and args.device == "cuda" and L == lengths[0]:
+                try:
+                    row["profile"] = profile_offload_steps(model, out.past_key_values, out.sequences[:, -1:], args.out)
+                except Exception as e:  # the timing above stands without the trace
+                    row["profile"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            del out
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    except Exception as e:
+        row = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        print(json.dumps(row), flush=True)
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+    finally:
+        if hasattr(model, "slim"):
+            model.forward = model.slim.original_forward
+            del model.slim
+        torch._dynamo.reset()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="32768,65536")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--offload-new", type=int, default=32, help="tokens generated by hf-offload (it copies every layer's KV each step)")
+    p.add_argument("--offload-max", type=int, default=32768, help="longest prompt for hf-offload")
+    p.add_argument("--static-max", type=int, default=32768, help="longest prompt for hf-static-compiled (it compiles per length)")
+    p.add_argument("--slim-options", default="{}", help="JSON options added to both slim variants")
+    add_model_args(p)
+    args = p.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    torch._dynamo.config.specialize_float = True
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args)
+    model.generation_config.pad_token_id = 0
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}", flush=True)
+    with open(os.path.join(args.out, "e2e.jsonl"), "a") as f, torch.no_grad():
+        for name in args.variants.split(","):
+            run_variant(name, model, args.lengths, args, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The end-to-end benchmark scripts run on a tiny CPU model and write their rows (checks, not timings)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--device", "cpu", "--layers", "2", "--hidden", "128", "--intermediate", "256", "--heads", "4",
+        "--kv-heads", "2", "--vocab", "512"]
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
+    import e2e
+
+    e2e.main(TINY + ["--lengths", "600", "--new", "3", "--out", str(tmp_path), "--variants", "hf-eager,slim-resident,slim-offload",
+                     "--slim-options", json.dumps({"prune_layers": [0], "decode_budget": 64})])
+    rows = {r["variant"]: r for r in _rows(tmp_path / "e2e.jsonl")}
+    assert set(rows) == {"hf-eager", "slim-resident", "slim-offload"}, rows
+    assert all("error" not in r and r["e2e_ms"] > 0 and r["new"] == 3 for r in rows.values())
+    unpruned = rows["hf-eager"]["host_kv"]  # on the CPU every buffer is "host"
+    assert rows["slim-resident"]["gpu_prompt_kv"] < unpruned  # pruned after layer 0
+    assert rows["slim-offload"]["host_kv"] > 0 and rows["slim-offload"]["gpu_prompt_kv"] < rows["slim-resident"]["gpu_prompt_kv"]
+
+
+def test_ttft_script_runs(tmp_path):
+    import ttft
+
+    ttft.main(TINY + ["--lengths", "600", "--reps", "1", "--out", str(tmp_path), "--variants", "eager"])
+    (row,) = _rows(tmp_path / "ttft.jsonl")
+    assert row["variant"] == "eager" and row["length"] == 600 and row["ms"] > 0

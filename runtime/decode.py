@@ -1,0 +1,134 @@
+"""One-token decode step over a `SlimKVCache`, replayed as a CUDA graph on CUDA.
+
+The step runs the model's own modules (LLaMA-family: norms, q/k/v/o projections, RoPE, MLP) in
+plain PyTorch, gpt-fast style: each layer writes its new k/v in place at a device-side row and
+attends over its whole static buffer with a validity mask. Grouped-query attention needs no
+`repeat_kv`: the G query heads of a kv head become G query rows of one attention call
+(q [b, Hkv, G, d] against k [b, Hkv, C, d]), which is exact for a single decode position.
+
+With static shapes and no host synchronisation the whole step (32 layers, a few hundred
+kernels) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
+not by Python and kernel launches. A graph is re-recorded only when a buffer grows. The first
+step runs eagerly (offload chooses its first active set there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from slimcompile.runtime.kv_cache import SlimKVCache
+
+
+ENV_ATTN = "SLIM_DECODE_ATTN"
+
+
+def decode_attention_impl() -> str:
+    """SLIM_DECODE_ATTN: "sdpa" (default, measured in bench/RESULTS.md) or "matmul"."""
+    v = os.environ.get(ENV_ATTN, "sdpa").strip().lower() or "sdpa"
+    if v not in ("sdpa", "matmul"):
+        raise ValueError(f"{ENV_ATTN} must be sdpa or matmul, got {v!r}")
+    return v
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [b, Hq, 1, d] over keys/values [b, Hkv, C, d] where `valid` [C]; returns [b, 1, Hq * d].
+
+    "sdpa": one masked SDPA call. On CUDA that is the memory-efficient kernel, which
+    parallelises over (batch, kv head, query block) only: b * Hkv programs stream the whole
+    cache, which is the likely cause of the slow decode step measured on the H200.
+    "matmul": q.K^T and P.V as batched matmuls (scores in fp32 after a bf16 product, like
+    transformers' eager attention), which spread the key axis over the whole GPU; not yet
+    measured on a GPU.
+    """
+    b, hq, _, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    if decode_attention_impl() == "matmul":
+        s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        o = torch.matmul(torch.softmax(s, dim=-1).to(values.dtype), values)
+    else:
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid[None, None, None, :], scale=scale)
+    return o.reshape(b, 1, hq * d)
+
+
+class StaticDecoder:
+    """Runs decode steps of `model` against `cache`; CUDA-graph replay when `use_graph`."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlimKVCache, batch: int, use_graph: bool):
+        self.model, self.cache = model, cache
+        dev = next(model.parameters()).device
+        self.device = dev
+        self.use_graph = use_graph and dev.type == "cuda"
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.step_no = torch.zeros(1, dtype=torch.long, device=dev)  # generated tokens before this one
+        self.bases = torch.tensor([layer.write_index() for layer in cache.layers], dtype=torch.long, device=dev)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+
+    def _forward(self) -> torch.Tensor:
+        inner = self.model.model
+        h = inner.embed_tokens(self.ids)
+        b = h.shape[0]
+        pos = (self.step_no + self.cache.prompt_len).view(1, 1).expand(b, 1)
+        cos, sin = inner.rotary_emb(h, pos)
+        for li, layer in enumerate(inner.layers):
+            kv = self.cache.layers[li]
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+            v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            row = self.bases[li : li + 1] + self.step_no
+            before = getattr(kv, "before_attention", None)
+            if before is not None:
+                before(q)
+            kv.write(k, v, row)
+            o = grouped_decode_attention(q, kv.keys, kv.values, kv.valid_rows(row), attn.scaling)
+            after = getattr(kv, "after_attention", None)
+            if after is not None:
+                after(q)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for kv in self.cache.layers:
+            join = getattr(kv, "join", None)
+            if join is not None:
+                join()
+        return self.model.lm_head(inner.norm(h))
+
+    def _rebind(self) -> None:
+        """Buffers moved (grew): bases stay, the graph must be recorded again."""
+        self.graph = None
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [b, 1, vocab] for `input_ids` [b, 1] at the next position; advances the cache."""
+        if self.cache.ensure_room():
+            self._rebind()
+        self.ids.copy_(input_ids)
+        self.step_no.fill_(self.cache.generated)
+        if not self.use_graph or self.steps == 0:
+            out = self._forward()
+        elif self.graph is None:
+            # Warm-up run (also this step's result), then record; replays start at the next step.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        else:
+            self.graph.replay()
+            out = self.logits
+        self.steps += 1
+        self.cache.advance()
+        return out.clone() if out is self.logits else out

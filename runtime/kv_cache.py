@@ -1,0 +1,205 @@
+"""Per-layer KV cache for decode: static buffers in blocks, in-place appends, byte accounting.
+
+After a pruned prefill each layer holds its own number of prompt tokens. A layer's KV is kept as
+    [ sink | kept prompt blocks of block_size | tail (window + remainder) | generated tokens ]
+in one buffer [b, Hkv, capacity, d] with spare room for generated tokens, so a decode step
+writes its token in place at a device-side index (no torch.cat, static shapes: a CUDA graph can
+replay the step) and attends over the whole buffer with a validity mask. The buffer grows by
+`grow_by` tokens when full (a rare host-side event that re-records the decode graph).
+
+`SlimKVCache` is a transformers `Cache`, so `model.generate` carries it between steps; the
+decode itself runs in `slimcompile.runtime.decode`. `kv="offload"` layers live in
+`slimcompile.runtime.offload` and share this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclasses.dataclass(frozen=True)
+class KVBytes:
+    """Bytes of KV held on the accelerator (or wherever the buffers live) and in host memory."""
+
+    gpu: int
+    host: int
+
+    def __add__(self, other: "KVBytes") -> "KVBytes":
+        return KVBytes(self.gpu + other.gpu, self.host + other.host)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DecodeLayerKV(CacheLayerMixin):
+    """Interface of a layer's decode-time KV: append a token in place, expose what attention reads."""
+
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self, prompt_len: int, capacity: int, device: torch.device):
+        super().__init__()
+        self.prompt_len = prompt_len  # prompt tokens this layer processed (its kept tokens)
+        self.generated = 0  # host-side count of generated tokens written
+        self.capacity = capacity
+        self.device = device
+        self.is_initialized = True
+
+    # -- what the decode step uses --------------------------------------------------------------
+    def write_index(self) -> int:
+        """Buffer row where the next generated token goes (host int; the step turns it into a tensor)."""
+        raise NotImplementedError
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Store one token's k/v ([b, Hkv, 1, d]) at buffer row `index` (a [1] device tensor)."""
+        self.keys.index_copy_(2, index, k)
+        self.values.index_copy_(2, index, v)
+
+    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """[capacity] bool: rows attention may read once the token at `index` is written."""
+        raise NotImplementedError
+
+    def bytes(self) -> KVBytes:
+        """Bytes allocated for this layer's KV (spare rows included) on the device and in host memory."""
+        raise NotImplementedError
+
+    def prompt_rows_on_device(self) -> int:
+        """Prompt tokens whose KV sits on the device (the rest, if any, is in host memory)."""
+        raise NotImplementedError
+
+    def row_bytes(self) -> int:
+        """Bytes of one token's k and v in this layer."""
+        return 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+
+    def advance(self) -> None:
+        self.generated += 1
+
+    def free_rows(self) -> int:
+        return self.capacity - self.write_index()
+
+    def grow(self, extra: int) -> None:
+        pad = self.keys.new_zeros(*self.keys.shape[:2], extra, self.keys.shape[3])
+        self.keys = torch.cat([self.keys, pad], dim=2)
+        self.values = torch.cat([self.values, pad.clone()], dim=2)
+        self.capacity += extra
+
+    # -- transformers' CacheLayerMixin ----------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError(
+            "a SlimKVCache is filled by the slim decode runtime; it cannot extend through the HF forward "
+            "(pass kv='dynamic' to slimcompile.compile to decode through the compiled graph)"
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.prompt_len + self.generated
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class ResidentLayerKV(DecodeLayerKV):
+    """All of a layer's KV on the device: rows [0, prompt_len) prompt, then generated tokens."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int):
+        b, h, L, d = keys.shape
+        super().__init__(L, L + reserve, keys.device)
+        self.keys = keys.new_zeros(b, h, L + reserve, d)
+        self.values = values.new_zeros(b, h, L + reserve, d)
+        self.keys[:, :, :L] = keys
+        self.values[:, :, :L] = values
+        self._rows = torch.arange(L + reserve, device=keys.device)
+
+    def grow(self, extra: int) -> None:
+        super().grow(extra)
+        self._rows = torch.arange(self.capacity, device=self.device)
+
+    def write_index(self) -> int:
+        return self.prompt_len + self.generated
+
+    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self._rows <= index
+
+    def bytes(self) -> KVBytes:
+        return KVBytes(_nbytes(self.keys, self.values), 0)
+
+    def prompt_rows_on_device(self) -> int:
+        return self.prompt_len
+
+
+class SlimKVCache(Cache):
+    """The decode-time cache of a slim-compiled model: one `DecodeLayerKV` per decoder layer.
+
+    Built from the prefill's per-layer KV (`from_prefill`). `get_seq_length()` is the prompt
+    length plus the generated tokens (positions continue from the ORIGINAL prompt length in
+    every layer, whatever it kept).
+    """
+
+    def __init__(self, layers: list[DecodeLayerKV], prompt_len: int, grow_by: int):
+        super().__init__(layers=layers)
+        self.prompt_len = prompt_len
+        self.grow_by = grow_by
+        self.generated = 0
+        self.decoder = None  # the runtime decoder bound to these buffers (set by runtime.decode)
+
+    @classmethod
+    def from_prefill(cls, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_len: int, options) -> "SlimKVCache":
+        """Wrap the prefill's per-layer [b, Hkv, L_layer, d] KV according to `options.kv`."""
+        reserve = options.decode_reserve
+        if options.kv == "offload":
+            from slimcompile.runtime.offload import OffloadedLayerKV
+
+            layers = [
+                OffloadedLayerKV(k, v, reserve, options.sink, options.window, options.block_size,
+                                 options.decode_budget, options.swap_threshold)
+                for k, v in zip(keys, values)
+            ]
+        else:
+            layers = [ResidentLayerKV(k, v, reserve) for k, v in zip(keys, values)]
+        return cls(layers, prompt_len, reserve)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prompt_len + self.generated
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def advance(self) -> None:
+        self.generated += 1
+        for layer in self.layers:
+            layer.advance()
+
+    def ensure_room(self) -> bool:
+        """Grow every full layer by `grow_by` rows; True if any buffer moved (graphs must re-record)."""
+        moved = False
+        for layer in self.layers:
+            if layer.free_rows() <= 0:
+                layer.grow(self.grow_by)
+                moved = True
+        return moved
+
+    def bytes_per_layer(self) -> list[KVBytes]:
+        return [layer.bytes() for layer in self.layers]
+
+    def bytes(self) -> KVBytes:
+        total = KVBytes(0, 0)
+        for b in self.bytes_per_layer():
+            total = total + b
+        return total
+
+    def prompt_bytes_on_device(self) -> int:
+        """Bytes of prompt KV resident on the device, summed over layers (generated tokens and spare rows excluded)."""
+        return sum(layer.prompt_rows_on_device() * layer.row_bytes() for layer in self.layers)

@@ -1,0 +1,195 @@
+"""kv="offload": prompt KV blocks in host memory, an active set of them on the device.
+
+Per layer the device keeps the sink, the tail (window + remainder), every generated token and
+an active set of A = decode_budget // block_size prompt blocks; all prompt blocks live in
+(pinned) host memory, and a mean key per block stays on the device as the block's summary.
+
+Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
+  scores  = max over heads and GQA group of q . mean_key(block)      [b, n]
+  new     = top-A blocks
+  overlap = |new & active| / A;   swap iff overlap < swap_threshold
+  on swap, the blocks of `new` not yet active take the slots of the active blocks that left
+  (the others stay where they are), and only those slots are copied in.
+Everything is computed on the device, so there is no host synchronisation and the step can be
+replayed as a CUDA graph.
+
+Timing (`OffloadedLayerKV.prefetch`): the first decode step selects with its own query before
+attention. From then on, after layer l's attention at step t the selection for step t + 1 is
+made from step t's query and the copy runs on a side stream while layers l+1.. compute; step
+t + 1 waits for it before layer l's attention. So a selection lags the query by one step (the
+paper's decode also reuses its set until the overlap drops), and the copy overlaps the rest of
+the step. With A >= the number of blocks every block is resident and nothing is selected:
+offload is then exactly the resident cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimcompile.runtime.block_copy import copy_blocks
+from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device, shared by every layer (the copies are bus-bound anyway)."""
+    if dev not in _STREAMS:
+        _STREAMS[dev] = torch.cuda.Stream(dev)
+    return _STREAMS[dev]
+
+
+class BlockSelector:
+    """Decides the active set of one layer: top-A blocks for a query, kept unless overlap drops."""
+
+    def __init__(self, n_active: int, swap_threshold: float):
+        self.n_active = n_active
+        self.swap_threshold = swap_threshold
+
+    @staticmethod
+    def scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        """q [b, Hq, 1, d], summaries [b, Hkv, n, d] -> [b, n] fp32."""
+        b, hq, _, d = q.shape
+        hkv = summaries.shape[1]
+        qg = q.reshape(b, hkv, hq // hkv, d).float()
+        s = torch.einsum("bhgd,bhnd->bhgn", qg, summaries.float())
+        return s.amax(dim=(1, 2))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """[b, A] block ids, increasing."""
+        top = torch.topk(scores, self.n_active, dim=-1, sorted=False).indices
+        return torch.sort(top, dim=-1).values
+
+    def plan(self, active: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(next_active [b, A], changed [b, A] bool, overlap [b]) from the current and the newly selected set."""
+        A = active.shape[1]
+        stays = (active[:, :, None] == new[:, None, :]).any(-1)  # active blocks also in new
+        arrives = ~(new[:, :, None] == active[:, None, :]).any(-1)  # new blocks not active yet
+        overlap = stays.sum(-1).float() / A
+        # Pair the j-th freed slot with the j-th arriving block (stable sorts put them first).
+        freed = torch.sort(stays.to(torch.int8), dim=-1, stable=True).indices
+        incoming = new.gather(1, torch.sort((~arrives).to(torch.int8), dim=-1, stable=True).indices)
+        n_in = arrives.sum(-1, keepdim=True)
+        take = torch.arange(A, device=active.device)[None] < n_in
+        swap = (overlap < self.swap_threshold)[:, None]
+        take = take & swap
+        next_active = active.scatter(1, freed, torch.where(take, incoming, active.gather(1, freed)))
+        changed = torch.zeros_like(take).scatter(1, freed, take)
+        return next_active, changed, overlap
+
+
+class OffloadedLayerKV(DecodeLayerKV):
+    """One layer's KV with its prompt blocks in host memory and an active set on the device.
+
+    Device rows: [0, sink) sink | [sink, sink + A*B) active slots | tail | generated tokens.
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        reserve: int,
+        sink: int,
+        window: int,
+        block_size: int,
+        decode_budget: int,
+        swap_threshold: float,
+    ):
+        b, h, L, d = keys.shape
+        dev = keys.device
+        sink = min(sink, L)
+        n = max((L - sink - window) // block_size, 0)
+        A = min(n, max(decode_budget // block_size, 1))
+        tail = L - sink - n * block_size
+        self.sink, self.block_size, self.n_blocks, self.n_active, self.tail = sink, block_size, n, A, tail
+        self.all_resident = A == n
+        resident_prompt = sink + A * block_size + tail
+        super().__init__(L, resident_prompt + reserve, dev)
+        self.resident_prompt = resident_prompt
+        self.keys = keys.new_zeros(b, h, resident_prompt + reserve, d)
+        self.values = values.new_zeros(b, h, resident_prompt + reserve, d)
+        body = slice(sink, sink + n * block_size)
+        for buf, src in ((self.keys, keys), (self.values, values)):
+            buf[:, :, :sink] = src[:, :, :sink]
+            buf[:, :, sink + A * block_size : resident_prompt] = src[:, :, sink + n * block_size :]
+        self._rows = torch.arange(self.capacity, device=dev)
+        if self.all_resident:
+            for buf, src in ((self.keys, keys), (self.values, values)):
+                buf[:, :, body] = src[:, :, body]
+            self.host_keys = self.host_values = None
+            self.summaries = None
+            return
+        pin = dev.type == "cuda"
+        blocks_k = keys[:, :, body].reshape(b, h, n, block_size, d)
+        blocks_v = values[:, :, body].reshape(b, h, n, block_size, d)
+        self.host_keys = torch.empty(blocks_k.shape, dtype=keys.dtype, pin_memory=pin)
+        self.host_values = torch.empty(blocks_v.shape, dtype=values.dtype, pin_memory=pin)
+        self.host_keys.copy_(blocks_k)
+        self.host_values.copy_(blocks_v)
+        self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)  # [b, h, n, d]
+        self.selector = BlockSelector(A, swap_threshold)
+        self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
+        self.primed = False
+        self.stream = _side_stream(dev) if pin else None
+        self.swaps = torch.zeros(b, dtype=torch.int64, device=dev)  # steps that swapped, per sample
+        self.blocks_copied = torch.zeros((), dtype=torch.int64, device=dev)
+
+    # -- DecodeLayerKV ------------------------------------------------------------------------------
+    def write_index(self) -> int:
+        return self.resident_prompt + self.generated
+
+    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self._rows <= index
+
+    def grow(self, extra: int) -> None:
+        super().grow(extra)
+        self._rows = torch.arange(self.capacity, device=self.device)
+
+    def bytes(self) -> KVBytes:
+        host = _nbytes(self.host_keys, self.host_values) if self.host_keys is not None else 0
+        summ = _nbytes(self.summaries) if self.summaries is not None else 0
+        return KVBytes(_nbytes(self.keys, self.values) + summ, host)
+
+    def prompt_rows_on_device(self) -> int:
+        return self.resident_prompt
+
+    # -- selection and copies -------------------------------------------------------------------------
+    def _apply(self, q: torch.Tensor, prime: bool) -> None:
+        new = self.selector.select(self.selector.scores(q, self.summaries))
+        if prime:
+            nxt, changed = new, torch.ones_like(new, dtype=torch.bool)
+        else:
+            nxt, changed, _ = self.selector.plan(self.active, new)
+            self.swaps += changed.any(-1).to(torch.int64)
+        row0 = self.sink
+        copy_blocks(self.keys, self.host_keys, nxt, changed, row0)
+        copy_blocks(self.values, self.host_values, nxt, changed, row0)
+        self.blocks_copied += changed.sum()
+        self.active.copy_(nxt)
+
+    def before_attention(self, q: torch.Tensor) -> None:
+        """First step: choose and load the active set from this query. Later steps find it loaded:
+        the previous step ended with `join`, which waited for its prefetches."""
+        if self.all_resident or self.primed:
+            return
+        self._apply(q, prime=True)
+
+    def after_attention(self, q: torch.Tensor) -> None:
+        """Choose next step's active set from this query; copy what changed (side stream on CUDA)."""
+        if self.all_resident:
+            return
+        if not self.primed:  # the first step's set was chosen from this very query
+            self.primed = True
+            return
+        if self.stream is None:
+            self._apply(q, prime=False)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self._apply(q, prime=False)
+
+    def join(self) -> None:
+        """Make the main stream wait for this layer's copies (end of a step / of a graph capture)."""
+        if not self.all_resident and self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -1,0 +1,242 @@
+"""The decode runtime: block KV cache, offload policy and copies, the static decode step.
+
+CPU tests run the same selection code as the GPU (no streams); CUDA-only checks skip cleanly.
+"""
+
+import pytest
+import torch
+
+import slimcompile
+from slimcompile import reference
+from slimcompile.options import SlimOptionError, parse_options
+from slimcompile.runtime.block_copy import copy_blocks, copy_blocks_torch
+from slimcompile.runtime.kv_cache import ResidentLayerKV, SlimKVCache
+from slimcompile.runtime.offload import BlockSelector, OffloadedLayerKV
+
+from slimtest import PASS_BACKEND, SMALL, ids, tiny
+
+CUDA = torch.cuda.is_available()
+
+
+def _kv(b=1, h=2, L=50, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, L, d, generator=g), torch.randn(b, h, L, d, generator=g)
+
+
+def test_resident_layer_appends_in_place_and_counts_bytes():
+    k, v = _kv(L=10)
+    layer = ResidentLayerKV(k, v, reserve=3)
+    assert layer.capacity == 13 and layer.get_seq_length() == 10 and layer.write_index() == 10
+    assert layer.bytes().gpu == 2 * 13 * 2 * 8 * 4 and layer.bytes().host == 0
+    assert layer.prompt_rows_on_device() == 10
+    storage = layer.keys.data_ptr()
+    nk, nv = torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0)
+    row = torch.tensor([layer.write_index()])
+    layer.write(nk, nv, row)
+    layer.advance()
+    assert layer.keys.data_ptr() == storage  # no reallocation
+    torch.testing.assert_close(layer.keys[:, :, :10], k, rtol=0, atol=0)
+    assert torch.equal(layer.keys[:, :, 10], nk[:, :, 0]) and torch.equal(layer.values[:, :, 10], nv[:, :, 0])
+    assert layer.valid_rows(row).tolist() == [True] * 11 + [False] * 2
+    for _ in range(2):
+        layer.advance()
+    assert layer.free_rows() == 0
+    layer.grow(5)
+    assert layer.capacity == 18 and torch.equal(layer.keys[:, :, 10], nk[:, :, 0])
+
+
+def test_cache_from_pruned_prefill_keeps_per_layer_lengths():
+    model = tiny("llama", 2)
+    opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
+    x = ids(50)
+    state = reference.prefill(model, x, opts.resolve(4))
+    cache = SlimKVCache.from_prefill(state.keys, state.values, 50, opts)
+    lengths = [layer.prompt_len for layer in cache.layers]
+    assert lengths[0] == lengths[1] == 50 and lengths[2] == lengths[3] < 50
+    assert cache.get_seq_length() == 50
+    total = sum(layer.bytes().gpu for layer in cache.layers)
+    assert cache.bytes().gpu == total
+    row = 2 * 2 * 16 * 4  # k and v, 2 kv heads, head_dim 16, fp32
+    assert cache.prompt_bytes_on_device() == sum(lengths) * row
+
+
+def _offloaded(budget, L=70, seed=0):
+    k, v = _kv(L=L, seed=seed)
+    return k, v, OffloadedLayerKV(k, v, reserve=4, sink=2, window=4, block_size=4, decode_budget=budget, swap_threshold=0.9)
+
+
+def test_offload_round_trip_is_bit_exact():
+    k, v, layer = _offloaded(budget=8)
+    n = layer.n_blocks
+    assert n == (70 - 2 - 4) // 4 and layer.n_active == 2 and not layer.all_resident
+    assert layer.host_keys.shape == (1, 2, n, 4, 8)
+    # Fetch every block back through the copy path and compare with the prompt's own rows.
+    dst = torch.zeros(1, 2, n * 4, 8)
+    copy_blocks(dst, layer.host_keys, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), 0)
+    assert torch.equal(dst, k[:, :, 2 : 2 + n * 4])
+    # sink and tail stay on the device, at the ends of the active region
+    assert torch.equal(layer.keys[:, :, :2], k[:, :, :2])
+    tail = 70 - 2 - n * 4
+    assert torch.equal(layer.keys[:, :, 2 + 8 : 2 + 8 + tail], k[:, :, 2 + n * 4 :])
+    assert layer.bytes().host == 2 * n * 4 * 2 * 8 * 4
+    assert layer.prompt_rows_on_device() == 2 + 8 + tail
+
+
+def test_copy_blocks_only_touches_changed_slots():
+    src = torch.arange(1 * 1 * 5 * 2 * 1, dtype=torch.float32).reshape(1, 1, 5, 2, 1)
+    dst = torch.full((1, 1, 1 + 3 * 2, 1), -1.0)
+    copy_blocks_torch(dst, src, torch.tensor([[4, 0, 2]]), torch.tensor([[True, False, True]]), 1)
+    assert dst.flatten().tolist() == [-1, 8, 9, -1, -1, 4, 5]
+
+
+def test_selector_keeps_the_set_when_overlap_reaches_the_threshold():
+    sel = BlockSelector(n_active=10, swap_threshold=0.9)
+    active = torch.arange(10)[None]
+    new = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 11]])  # overlap 0.9: no swap
+    nxt, changed, overlap = sel.plan(active, new)
+    assert overlap.item() == pytest.approx(0.9)
+    assert torch.equal(nxt, active) and not changed.any()
+
+
+def test_selector_swaps_only_the_departed_slots_below_the_threshold():
+    sel = BlockSelector(n_active=10, swap_threshold=0.9)
+    active = torch.arange(10)[None]
+    new = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 12, 11]])  # 8 and 9 leave: overlap 0.8
+    nxt, changed, overlap = sel.plan(active, new)
+    assert overlap.item() == pytest.approx(0.8)
+    assert changed[0].nonzero().flatten().tolist() == [8, 9]  # the slots of blocks 8 and 9
+    assert sorted(nxt[0].tolist()) == sorted(new[0].tolist())
+    assert nxt[0, :8].tolist() == list(range(8))  # blocks that stay keep their slots
+
+
+def test_selector_plans_each_sample_of_a_batch_separately():
+    sel = BlockSelector(n_active=4, swap_threshold=1.0)
+    active = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    new = torch.tensor([[0, 1, 2, 3], [0, 5, 2, 7]])
+    nxt, changed, overlap = sel.plan(active, new)
+    assert overlap.tolist() == [1.0, 0.5]
+    assert not changed[0].any() and changed[1].tolist() == [False, True, False, True]
+    assert nxt[1].tolist() == [0, 5, 2, 7]
+
+
+def test_selector_scores_and_topk():
+    sel = BlockSelector(n_active=2, swap_threshold=0.9)
+    q = torch.zeros(1, 4, 1, 3)
+    q[0, :, 0, 0] = 1.0
+    summaries = torch.zeros(1, 2, 5, 3)
+    summaries[0, 1, 3, 0] = 5.0
+    summaries[0, 0, 1, 0] = 2.0
+    s = sel.scores(q, summaries)
+    assert s.shape == (1, 5) and sel.select(s).tolist() == [[1, 3]]
+
+
+def _generate(kv, budget, x, new=8, **extra):
+    model = tiny("llama", 2, seed=3)
+    opts = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "kv": kv, "decode_budget": budget, "decode_reserve": 3, **extra}
+    slimcompile.compile(model, backend=PASS_BACKEND, **opts)
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    return model, opts, out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "matmul"])
+def test_resident_generate_matches_reference_logits(attn, monkeypatch):
+    monkeypatch.setenv("SLIM_DECODE_ATTN", attn)
+    x = ids(60)
+    model, opts, out = _generate("resident", 2048, x)
+    ref = reference.prefill(model, x, parse_options(opts).resolve(4))
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-4, atol=1e-4)
+        ref = reference.decode_step(model, ref, out.sequences[:, 60 + step : 61 + step])
+
+
+def test_offload_with_a_budget_covering_every_block_equals_resident():
+    x = ids(60, batch=2)
+    _, _, res = _generate("resident", 2048, x)
+    _, _, off = _generate("offload", 2048, x)
+    assert torch.equal(res.sequences, off.sequences)
+    for a, b in zip(res.logits, off.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_offload_with_a_small_budget_attends_to_the_active_set_only():
+    x = ids(60)
+    model, opts, out = _generate("offload", 8, x, new=4, swap_threshold=1.0)
+    cache = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False,
+                           return_dict_in_generate=True).past_key_values
+    pruned = [layer for layer in cache.layers if not layer.all_resident]
+    assert pruned and all(layer.n_active == 2 for layer in pruned)
+    assert all(layer.prompt_rows_on_device() < layer.prompt_len for layer in pruned)
+    assert all(layer.bytes().host > 0 for layer in pruned)
+    assert all(int(layer.blocks_copied) >= layer.n_active for layer in pruned)  # at least the first load
+    assert len(out.logits) == 4 and all(torch.isfinite(l).all() for l in out.logits)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "matmul"])
+def test_grouped_decode_attention_equals_repeated_kv_attention(attn, monkeypatch):
+    from slimcompile.runtime.decode import grouped_decode_attention
+
+    monkeypatch.setenv("SLIM_DECODE_ATTN", attn)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
+    valid = torch.arange(20) < 13
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :13].repeat_interleave(4, 1), v[:, :, :13].repeat_interleave(4, 1), scale=0.3
+    ).transpose(1, 2).reshape(2, 1, 128)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v, valid, 0.3), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_dynamic_keeps_the_compiled_decode_path():
+    x = ids(50)
+    model, _, out = _generate("dynamic", 2048, x, new=3)
+    assert not isinstance(out.past_key_values, SlimKVCache)
+
+
+@pytest.mark.parametrize(
+    "opts,words",
+    [
+        ({"kv": "paged"}, ["kv", "resident", "offload", "dynamic"]),
+        ({"decode_budget": 0}, ["decode_budget", "positive int"]),
+        ({"swap_threshold": 1.5}, ["swap_threshold", "(0, 1]"]),
+        ({"swap_threshold": 0}, ["swap_threshold"]),
+        ({"cuda_graphs": "yes"}, ["cuda_graphs", "True or False"]),
+        ({"decode_reserve": -1}, ["decode_reserve"]),
+    ],
+)
+def test_bad_kv_options_say_what_is_allowed(opts, words):
+    with pytest.raises(SlimOptionError) as e:
+        parse_options(opts)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_stream_and_graph_paths_match_the_synchronous_path(monkeypatch):
+    from slimcompile.runtime import offload
+
+    x = ids(300).cuda()
+    seqs = {}
+    for name, side, graphs in (("sync", False, False), ("stream", True, False), ("stream+graph", True, True)):
+        if not side:
+            monkeypatch.setattr(offload, "_side_stream", lambda dev: None)
+        else:
+            monkeypatch.undo()
+        model = tiny("llama", 2, seed=3).cuda()
+        opts = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "kv": "offload", "decode_budget": 16,
+                "swap_threshold": 0.95, "cuda_graphs": graphs}
+        slimcompile.compile(model, backend=PASS_BACKEND, **opts)
+        seqs[name] = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)
+    assert torch.equal(seqs["sync"], seqs["stream"]) and torch.equal(seqs["sync"], seqs["stream+graph"])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_host_block_copy_matches_torch_copy():
+    src = torch.randn(2, 3, 7, 16, 64).to(torch.bfloat16).pin_memory()
+    slot = torch.tensor([[6, 0, 3], [1, 2, 5]], device="cuda")
+    changed = torch.tensor([[True, False, True], [True, True, False]], device="cuda")
+    a = torch.zeros(2, 3, 5 + 3 * 16, 64, dtype=torch.bfloat16, device="cuda")
+    b = a.clone()
+    copy_blocks(a, src, slot, changed, 5)
+    copy_blocks_torch(b, src.cuda(), slot, changed, 5)
+    assert torch.equal(a, b)
