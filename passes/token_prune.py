@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from slimcompile import schedule as sched
+from slimcompile.passes import flatten_linear
 from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value
 from slimcompile.passes.manager import PassResult
 from slimcompile.passes.shape_prop import refresh_example_values
@@ -191,6 +192,9 @@ def _prune_after(gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any,
                     n.args = new_args
                     literal_edits += 1
                     changed.add(n)
+    if flatten_linear.enabled():
+        em.added += flatten_linear.flatten_linears(graph, [n for n in later if n not in added])
+        changed = {n for n in changed if not getattr(n, "_erased", False)}
     try:
         refreshed = refresh_example_values(gm, ctx.fake_mode, changed)
     except Exception as e:  # a rewrite that breaks shapes must not reach Inductor

@@ -3,6 +3,7 @@
 Per layer the device keeps the sink, the tail (window + remainder), every generated token and
 an active set of A = decode_budget // block_size prompt blocks; all prompt blocks live in
 (pinned) host memory, and a mean key per block stays on the device as the block's summary.
+Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
   scores  = max over heads and GQA group of q . mean_key(block)      [b, n]
@@ -24,11 +25,47 @@ offload is then exactly the resident cache.
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 
 from slimcompile.runtime.block_copy import copy_blocks
 from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
 
+
+class HostBufferPool:
+    """Reuses (pinned) host buffers across generations: page-locking gigabytes costs ~1 s.
+
+    A buffer taken for a layer returns to the pool when that layer is garbage-collected; the
+    pool keeps at most `max_free_bytes` of free buffers (SLIM_HOST_POOL_GIB, default 64).
+    """
+
+    def __init__(self, max_free_bytes: int):
+        self.max_free_bytes = max_free_bytes
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.free_bytes = 0
+        self.allocated = 0  # buffers created (not reused), for tests and reports
+
+    def take(self, owner: object, shape: tuple, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        key = (tuple(shape), dtype, pin)
+        if self.free.get(key):
+            t = self.free[key].pop()
+            self.free_bytes -= t.numel() * t.element_size()
+        else:
+            t = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            self.allocated += 1
+        weakref.finalize(owner, self._put, key, t)
+        return t
+
+    def _put(self, key: tuple, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.free_bytes + size <= self.max_free_bytes:
+            self.free.setdefault(key, []).append(t)
+            self.free_bytes += size
+
+
+HOST_POOL = HostBufferPool(int(float(os.environ.get("SLIM_HOST_POOL_GIB", "64")) * 2**30))
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -123,8 +160,8 @@ class OffloadedLayerKV(DecodeLayerKV):
         pin = dev.type == "cuda"
         blocks_k = keys[:, :, body].reshape(b, h, n, block_size, d)
         blocks_v = values[:, :, body].reshape(b, h, n, block_size, d)
-        self.host_keys = torch.empty(blocks_k.shape, dtype=keys.dtype, pin_memory=pin)
-        self.host_values = torch.empty(blocks_v.shape, dtype=values.dtype, pin_memory=pin)
+        self.host_keys = HOST_POOL.take(self, blocks_k.shape, keys.dtype, pin)
+        self.host_values = HOST_POOL.take(self, blocks_v.shape, values.dtype, pin)
         self.host_keys.copy_(blocks_k)
         self.host_values.copy_(blocks_v)
         self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)  # [b, h, n, d]

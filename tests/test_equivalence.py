@@ -13,6 +13,7 @@ import slimcompile
 from slimcompile import reference
 from slimcompile.backend import COMPILATIONS
 from slimcompile.options import parse_options
+from slimcompile.passes.layer_analysis import example_value
 
 from slimtest import PASS_BACKEND, SMALL, ids, tiny
 
@@ -220,3 +221,26 @@ def test_causal_mask_pass_leaves_no_mask_and_causal_sdpa():
     )
     summary = next(r for r in record.records if r.name == "causal_mask")
     assert summary.changed and summary.nodes_removed > 0
+
+
+def test_flatten_linear_rewrite_matches_reference(monkeypatch):
+    """SLIM_FLATTEN_LINEAR=1 (experimental, for the CUDA recompile): same logits, 2-D linears after the cut."""
+    from slimcompile.passes.flatten_linear import LINEAR_TARGETS
+
+    monkeypatch.setenv("SLIM_FLATTEN_LINEAR", "1")
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1, 2], "keep_ratio": 0.5}
+    schedule = parse_options(options).resolve(4)
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    COMPILATIONS.clear()
+    for length in (41, 58):
+        x = ids(length)
+        with torch.no_grad():
+            out = fast(x, use_cache=True, logits_to_keep=1)
+        ref = reference.prefill(model, x, schedule)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert len(COMPILATIONS) == 1
+    graph = COMPILATIONS[-1].graph.graph
+    linears = [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
+    dims = [example_value(n.args[0]).dim() for n in linears]
+    assert dims.count(2) >= 7 * 2 + 1  # q,k,v,o,gate,up,down of layers 2 and 3, and lm_head

@@ -240,3 +240,18 @@ def test_cuda_host_block_copy_matches_torch_copy():
     copy_blocks(a, src, slot, changed, 5)
     copy_blocks_torch(b, src.cuda(), slot, changed, 5)
     assert torch.equal(a, b)
+
+
+def test_host_buffers_are_reused_by_the_next_generation():
+    import gc
+
+    from slimcompile.runtime.offload import HOST_POOL
+
+    k, v, layer = _offloaded(budget=8)
+    first = layer.host_keys.data_ptr()
+    before = HOST_POOL.allocated
+    del layer
+    gc.collect()
+    _, _, again = _offloaded(budget=8)
+    assert HOST_POOL.allocated == before  # both buffers came from the pool
+    assert first in (again.host_keys.data_ptr(), again.host_values.data_ptr())
