@@ -63,7 +63,12 @@ def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def kv_bytes(cache) -> tuple[int, list[int]]:
-    """(total bytes, per-layer token counts) of a returned KV cache."""
+    """(total bytes, per-layer token counts) of the tokens a returned KV cache holds."""
+    from slimcompile.runtime.kv_cache import SlimKVCache
+
+    if isinstance(cache, SlimKVCache):  # its buffers also have spare rows: count held tokens
+        counts = [layer.get_seq_length() for layer in cache.layers]
+        return sum(n * layer.row_bytes() for n, layer in zip(counts, cache.layers)), counts
     layers = _cache_layers(cache)
     total = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
     return total, [int(k.shape[-2]) for k, _ in layers]

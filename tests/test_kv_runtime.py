@@ -255,3 +255,16 @@ def test_host_buffers_are_reused_by_the_next_generation():
     _, _, again = _offloaded(budget=8)
     assert HOST_POOL.allocated == before  # both buffers came from the pool
     assert first in (again.host_keys.data_ptr(), again.host_values.data_ptr())
+
+
+def test_demo_counts_held_tokens_not_spare_rows():
+    from slimcompile.demo import kv_bytes
+
+    model = tiny("llama", 2)
+    opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
+    state = reference.prefill(model, ids(50), opts.resolve(4))
+    cache = SlimKVCache.from_prefill(state.keys, state.values, 50, opts)
+    cache.advance()
+    total, counts = kv_bytes(cache)
+    assert counts == [k.shape[2] + 1 for k in state.keys]
+    assert total == sum(2 * (k.numel() + k[:, :, :1].numel()) * 4 for k in state.keys)
