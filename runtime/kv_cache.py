@@ -15,6 +15,7 @@ decode itself runs in `slimcompile.runtime.decode`. `kv="offload"` layers live i
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -136,6 +137,15 @@ class ResidentLayerKV(DecodeLayerKV):
         return self.prompt_len
 
 
+def drain(cache: Cache) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield each layer's (keys, values) of a transformers cache and drop the cache's references."""
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        layer.keys = layer.values = None
+        yield k, v
+        del k, v
+
+
 class SlimKVCache(Cache):
     """The decode-time cache of a slim-compiled model: one `DecodeLayerKV` per decoder layer.
 
@@ -152,19 +162,23 @@ class SlimKVCache(Cache):
         self.decoder = None  # the runtime decoder bound to these buffers (set by runtime.decode)
 
     @classmethod
-    def from_prefill(cls, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_len: int, options) -> "SlimKVCache":
-        """Wrap the prefill's per-layer [b, Hkv, L_layer, d] KV according to `options.kv`."""
-        reserve = options.decode_reserve
-        if options.kv == "offload":
-            from slimcompile.runtime.offload import OffloadedLayerKV
+    def from_prefill(cls, kv: Iterable[tuple[torch.Tensor, torch.Tensor]], prompt_len: int, options) -> "SlimKVCache":
+        """Wrap the prefill's per-layer ([b, Hkv, L_layer, d] keys, values) according to `options.kv`.
 
-            layers = [
-                OffloadedLayerKV(k, v, reserve, options.sink, options.window, options.block_size,
-                                 options.decode_budget, options.swap_threshold)
-                for k, v in zip(keys, values)
-            ]
-        else:
-            layers = [ResidentLayerKV(k, v, reserve) for k, v in zip(keys, values)]
+        Layers are converted one at a time, so an iterable that lets go of each source layer
+        (see `drain`) keeps the extra memory of the conversion to one layer's KV.
+        """
+        reserve = options.decode_reserve
+        layers: list[DecodeLayerKV] = []
+        for k, v in kv:
+            if options.kv == "offload":
+                from slimcompile.runtime.offload import OffloadedLayerKV
+
+                layers.append(OffloadedLayerKV(k, v, reserve, options.sink, options.window, options.block_size,
+                                               options.decode_budget, options.swap_threshold))
+            else:
+                layers.append(ResidentLayerKV(k, v, reserve))
+            del k, v
         return cls(layers, prompt_len, reserve)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
 from slimcompile.runtime.decode import StaticDecoder
-from slimcompile.runtime.kv_cache import SlimKVCache
+from slimcompile.runtime.kv_cache import SlimKVCache, drain
 
 
 @dataclasses.dataclass
@@ -112,10 +112,7 @@ def compile(
             out = compiled(*args, **kw)
         prompt = args[0] if args else kw.get("input_ids")
         if opts.kv != "dynamic" and fresh and unpadded and prompt is not None and _has_kv(out):
-            layers = out.past_key_values.layers
-            out.past_key_values = SlimKVCache.from_prefill(
-                [layer.keys for layer in layers], [layer.values for layer in layers], prompt.shape[1], opts
-            )
+            out.past_key_values = SlimKVCache.from_prefill(drain(out.past_key_values), prompt.shape[1], opts)
         return out
 
     model.forward = forward

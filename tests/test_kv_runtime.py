@@ -50,7 +50,7 @@ def test_cache_from_pruned_prefill_keeps_per_layer_lengths():
     opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
     x = ids(50)
     state = reference.prefill(model, x, opts.resolve(4))
-    cache = SlimKVCache.from_prefill(state.keys, state.values, 50, opts)
+    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, opts)
     lengths = [layer.prompt_len for layer in cache.layers]
     assert lengths[0] == lengths[1] == 50 and lengths[2] == lengths[3] < 50
     assert cache.get_seq_length() == 50
@@ -263,8 +263,28 @@ def test_demo_counts_held_tokens_not_spare_rows():
     model = tiny("llama", 2)
     opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
     state = reference.prefill(model, ids(50), opts.resolve(4))
-    cache = SlimKVCache.from_prefill(state.keys, state.values, 50, opts)
+    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, opts)
     cache.advance()
     total, counts = kv_bytes(cache)
     assert counts == [k.shape[2] + 1 for k in state.keys]
     assert total == sum(2 * (k.numel() + k[:, :, :1].numel()) * 4 for k in state.keys)
+
+
+def test_conversion_releases_the_prefill_cache_layer_by_layer():
+    from transformers import DynamicCache
+
+    from slimcompile.runtime.kv_cache import drain
+
+    dc = DynamicCache()
+    for i in range(3):
+        dc.update(*_kv(L=20 + i, seed=i), i)
+    seen = []
+
+    def watch(pairs):
+        for j, kv in enumerate(pairs):
+            seen.append([layer.keys is None for layer in dc.layers])
+            yield kv
+
+    cache = SlimKVCache.from_prefill(watch(drain(dc)), 22, parse_options({"enabled": False}))
+    assert seen == [[True, False, False], [True, True, False], [True, True, True]]
+    assert [layer.prompt_len for layer in cache.layers] == [20, 21, 22]
