@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install, check correctness on the GPU, then time prefill variants.
 # Usage (repo root, on the GPU machine): bash bench/h200.sh "<ttft variants>" "<lengths>"
+#   CHECK=0            skip bench/gpu_check.py
+#   PROBE=1            first run bench/recompile_probe.py (which guard recompiles per prompt length)
+#   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768)
+# An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -10,4 +14,13 @@ python3 -c 'import torch, transformers, triton; print(torch.__version__, transfo
 if [ "${CHECK:-1}" = 1 ]; then
   python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
-python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" 2>&1 | grep -v -i warn | tee "$OUT/ttft.log"
+if [ "${PROBE:-0}" = 1 ]; then
+  python3 bench/recompile_probe.py --impl auto 2>&1 | grep -v -i warn > "$OUT/probe.log"
+  grep "compilations" "$OUT/probe.log"
+fi
+if [ -n "${1:-}" ]; then
+  python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" 2>&1 | grep -v -i warn | tee "$OUT/ttft.log"
+fi
+if [ -n "${E2E:-}" ]; then
+  python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
+fi
