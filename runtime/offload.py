@@ -2,11 +2,14 @@
 
 Per layer the device keeps the sink, the tail (window + remainder), every generated token and
 an active set of A = decode_budget // block_size prompt blocks; all prompt blocks live in
-(pinned) host memory, and a mean key per block stays on the device as the block's summary.
+(pinned) host memory, and a summary per block (per-dimension key min and max, or the mean
+key: `offload_summary`) stays on the device.
 Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
-  scores  = max over heads and GQA group of q . mean_key(block)      [b, n]
+  scores  = max over heads and GQA group of a block score            [b, n]
+            "minmax" (default, Quest): sum_d max(q_d min_d, q_d max_d) over the block's
+            per-dimension key range, an upper bound of q . k in the block; "mean": q . mean key
   new     = top-A blocks
   overlap = |new & active| / A;   swap iff overlap < swap_threshold
   on swap, the blocks of `new` not yet active take the slots of the active blocks that left
@@ -86,11 +89,20 @@ class BlockSelector:
 
     @staticmethod
     def scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        """q [b, Hq, 1, d], summaries [b, Hkv, n, d] -> [b, n] fp32."""
+        """q [b, Hq, 1, d] against block summaries -> [b, n] fp32, max over heads and GQA rows.
+
+        summaries [b, Hkv, n, d]: one mean key per block, score q . mean_key.
+        summaries [2, b, Hkv, n, d]: per-dimension min and max key of each block (Quest), score
+        sum_d max(q_d * min_d, q_d * max_d), an upper bound of q . k over the block's keys.
+        """
         b, hq, _, d = q.shape
-        hkv = summaries.shape[1]
+        hkv = summaries.shape[-3]
         qg = q.reshape(b, hkv, hq // hkv, d).float()
-        s = torch.einsum("bhgd,bhnd->bhgn", qg, summaries.float())
+        if summaries.dim() == 4:
+            s = torch.einsum("bhgd,bhnd->bhgn", qg, summaries.float())
+        else:  # max(q_d min_d, q_d max_d) = q_d max_d where q_d > 0, q_d min_d where q_d < 0
+            s = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), summaries[1].float())
+            s = s + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), summaries[0].float())
         return s.amax(dim=(1, 2))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
@@ -132,6 +144,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         block_size: int,
         decode_budget: int,
         swap_threshold: float,
+        summary: str = "minmax",
     ):
         b, h, L, d = keys.shape
         dev = keys.device
@@ -164,7 +177,10 @@ class OffloadedLayerKV(DecodeLayerKV):
         self.host_values = HOST_POOL.take(self, blocks_v.shape, values.dtype, pin)
         self.host_keys.copy_(blocks_k)
         self.host_values.copy_(blocks_v)
-        self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)  # [b, h, n, d]
+        if summary == "minmax":  # [2, b, h, n, d]
+            self.summaries = torch.stack([blocks_k.amin(dim=3), blocks_k.amax(dim=3)])
+        else:  # "mean": [b, h, n, d]
+            self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
         self.selector = BlockSelector(A, swap_threshold)
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
         self.primed = False

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "kv": "resident",
     "decode_budget": 2048,
     "swap_threshold": 0.9,
+    "offload_summary": "minmax",
     "decode_reserve": 256,
     "cuda_graphs": True,
 }
@@ -54,12 +55,15 @@ HELP: dict[str, str] = {
     "host memory, an active set on the device) or 'dynamic' (transformers' DynamicCache through the compiled graph)",
     "decode_budget": "kv='offload': prompt tokens per layer in the device's active block set (besides sink, tail, generated)",
     "swap_threshold": "kv='offload': swap in a new block set only when it overlaps the active one by less than this (0..1]",
+    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'minmax' (per-dimension "
+    "key range, Quest's upper bound of q.k) or 'mean' (mean key)",
     "decode_reserve": "kv='resident'/'offload': rows reserved for generated tokens; buffers grow by this much when full",
     "cuda_graphs": "kv='resident'/'offload' on CUDA: replay the decode step as a CUDA graph",
 }
 
 SCORINGS = ("attention", "tokenunit")
 KV_MODES = ("resident", "offload", "dynamic")
+OFFLOAD_SUMMARIES = ("minmax", "mean")
 POOLINGS = ("max", "mean")
 
 
@@ -89,6 +93,7 @@ class SlimOptions:
     kv: str = "resident"
     decode_budget: int = 2048
     swap_threshold: float = 0.9
+    offload_summary: str = "minmax"
     decode_reserve: int = 256
     cuda_graphs: bool = True
 
@@ -241,6 +246,8 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
     thr = v["swap_threshold"]
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 < thr <= 1.0:
         raise _err("swap_threshold", thr, "must be a number in (0, 1]")
+    if v["offload_summary"] not in OFFLOAD_SUMMARIES:
+        raise _err("offload_summary", v["offload_summary"], f"allowed: {list(OFFLOAD_SUMMARIES)}")
     if not isinstance(v["cuda_graphs"], bool):
         raise _err("cuda_graphs", v["cuda_graphs"], "must be True or False")
 
@@ -259,6 +266,7 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         kv=v["kv"],
         decode_budget=v["decode_budget"],
         swap_threshold=float(thr),
+        offload_summary=v["offload_summary"],
         decode_reserve=v["decode_reserve"],
         cuda_graphs=v["cuda_graphs"],
     )

@@ -130,6 +130,18 @@ def test_selector_scores_and_topk():
     assert s.shape == (1, 5) and sel.select(s).tolist() == [[1, 3]]
 
 
+def test_minmax_score_is_an_upper_bound_reached_by_the_best_key():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    keys = torch.randn(1, 2, 5, 3, 8, generator=g)  # 5 blocks of 3 keys
+    summaries = torch.stack([keys.amin(dim=3), keys.amax(dim=3)])
+    s = BlockSelector.scores(q, summaries)
+    exact = torch.einsum("bhgd,bhntd->bhgnt", q.reshape(1, 2, 2, 8), keys).amax(dim=(1, 2, 4))  # [1, 5]
+    assert (s >= exact - 1e-5).all()
+    brute = (q.reshape(1, 2, 2, 1, 8) * torch.where(q.reshape(1, 2, 2, 1, 8) > 0, summaries[1][:, :, None], summaries[0][:, :, None])).sum(-1)
+    torch.testing.assert_close(s, brute.amax(dim=(1, 2)))
+
+
 def _generate(kv, budget, x, new=8, **extra):
     model = tiny("llama", 2, seed=3)
     opts = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "kv": kv, "decode_budget": budget, "decode_reserve": 3, **extra}
@@ -161,9 +173,10 @@ def test_offload_with_a_budget_covering_every_block_equals_resident():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_offload_with_a_small_budget_attends_to_the_active_set_only():
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+def test_offload_with_a_small_budget_attends_to_the_active_set_only(summary):
     x = ids(60)
-    model, opts, out = _generate("offload", 8, x, new=4, swap_threshold=1.0)
+    model, opts, out = _generate("offload", 8, x, new=4, swap_threshold=1.0, offload_summary=summary)
     cache = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False,
                            return_dict_in_generate=True).past_key_values
     pruned = [layer for layer in cache.layers if not layer.all_resident]
@@ -202,6 +215,7 @@ def test_kv_dynamic_keeps_the_compiled_decode_path():
         ({"swap_threshold": 1.5}, ["swap_threshold", "(0, 1]"]),
         ({"swap_threshold": 0}, ["swap_threshold"]),
         ({"cuda_graphs": "yes"}, ["cuda_graphs", "True or False"]),
+        ({"offload_summary": "median"}, ["offload_summary", "minmax", "mean"]),
         ({"decode_reserve": -1}, ["decode_reserve"]),
     ],
 )
