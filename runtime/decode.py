@@ -91,7 +91,7 @@ class StaticDecoder:
             if before is not None:
                 before(q)
             kv.write(k, v, row)
-            o = grouped_decode_attention(q, kv.keys, kv.values, kv.valid_rows(row), attn.scaling)
+            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, kv.valid_rows(row), attn.scaling)
             after = getattr(kv, "after_attention", None)
             if after is not None:
                 after(q)

@@ -43,12 +43,22 @@ class DecodeLayerKV(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, prompt_len: int, capacity: int, device: torch.device):
-        super().__init__()
+        # CacheLayerMixin.__init__ would assign `keys`/`values`, which are read-only views here.
         self.prompt_len = prompt_len  # prompt tokens this layer processed (its kept tokens)
         self.generated = 0  # host-side count of generated tokens written
         self.capacity = capacity
         self.device = device
         self.is_initialized = True
+
+    # `k_buf`/`v_buf` [b, Hkv, capacity, d] are the static buffers the decode step reads and writes.
+    @property
+    def keys(self) -> torch.Tensor:
+        """The rows this layer holds on the device, in buffer order (a view, no spare rows)."""
+        return self.k_buf[:, :, : self.write_index()]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v_buf[:, :, : self.write_index()]
 
     # -- what the decode step uses --------------------------------------------------------------
     def write_index(self) -> int:
@@ -57,8 +67,8 @@ class DecodeLayerKV(CacheLayerMixin):
 
     def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Store one token's k/v ([b, Hkv, 1, d]) at buffer row `index` (a [1] device tensor)."""
-        self.keys.index_copy_(2, index, k)
-        self.values.index_copy_(2, index, v)
+        self.k_buf.index_copy_(2, index, k)
+        self.v_buf.index_copy_(2, index, v)
 
     def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
         """[capacity] bool: rows attention may read once the token at `index` is written."""
@@ -74,7 +84,7 @@ class DecodeLayerKV(CacheLayerMixin):
 
     def row_bytes(self) -> int:
         """Bytes of one token's k and v in this layer."""
-        return 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return 2 * self.k_buf.shape[0] * self.k_buf.shape[1] * self.k_buf.shape[3] * self.k_buf.element_size()
 
     def advance(self) -> None:
         self.generated += 1
@@ -83,9 +93,9 @@ class DecodeLayerKV(CacheLayerMixin):
         return self.capacity - self.write_index()
 
     def grow(self, extra: int) -> None:
-        pad = self.keys.new_zeros(*self.keys.shape[:2], extra, self.keys.shape[3])
-        self.keys = torch.cat([self.keys, pad], dim=2)
-        self.values = torch.cat([self.values, pad.clone()], dim=2)
+        pad = self.k_buf.new_zeros(*self.k_buf.shape[:2], extra, self.k_buf.shape[3])
+        self.k_buf = torch.cat([self.k_buf, pad], dim=2)
+        self.v_buf = torch.cat([self.v_buf, pad.clone()], dim=2)
         self.capacity += extra
 
     # -- transformers' CacheLayerMixin ----------------------------------------------------------
@@ -114,10 +124,10 @@ class ResidentLayerKV(DecodeLayerKV):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int):
         b, h, L, d = keys.shape
         super().__init__(L, L + reserve, keys.device)
-        self.keys = keys.new_zeros(b, h, L + reserve, d)
-        self.values = values.new_zeros(b, h, L + reserve, d)
-        self.keys[:, :, :L] = keys
-        self.values[:, :, :L] = values
+        self.k_buf = keys.new_zeros(b, h, L + reserve, d)
+        self.v_buf = values.new_zeros(b, h, L + reserve, d)
+        self.k_buf[:, :, :L] = keys
+        self.v_buf[:, :, :L] = values
         self._rows = torch.arange(L + reserve, device=keys.device)
 
     def grow(self, extra: int) -> None:
@@ -131,7 +141,7 @@ class ResidentLayerKV(DecodeLayerKV):
         return self._rows <= index
 
     def bytes(self) -> KVBytes:
-        return KVBytes(_nbytes(self.keys, self.values), 0)
+        return KVBytes(_nbytes(self.k_buf, self.v_buf), 0)
 
     def prompt_rows_on_device(self) -> int:
         return self.prompt_len

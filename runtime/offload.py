@@ -157,15 +157,15 @@ class OffloadedLayerKV(DecodeLayerKV):
         resident_prompt = sink + A * block_size + tail
         super().__init__(L, resident_prompt + reserve, dev)
         self.resident_prompt = resident_prompt
-        self.keys = keys.new_zeros(b, h, resident_prompt + reserve, d)
-        self.values = values.new_zeros(b, h, resident_prompt + reserve, d)
+        self.k_buf = keys.new_zeros(b, h, resident_prompt + reserve, d)
+        self.v_buf = values.new_zeros(b, h, resident_prompt + reserve, d)
         body = slice(sink, sink + n * block_size)
-        for buf, src in ((self.keys, keys), (self.values, values)):
+        for buf, src in ((self.k_buf, keys), (self.v_buf, values)):
             buf[:, :, :sink] = src[:, :, :sink]
             buf[:, :, sink + A * block_size : resident_prompt] = src[:, :, sink + n * block_size :]
         self._rows = torch.arange(self.capacity, device=dev)
         if self.all_resident:
-            for buf, src in ((self.keys, keys), (self.values, values)):
+            for buf, src in ((self.k_buf, keys), (self.v_buf, values)):
                 buf[:, :, body] = src[:, :, body]
             self.host_keys = self.host_values = None
             self.summaries = None
@@ -202,7 +202,7 @@ class OffloadedLayerKV(DecodeLayerKV):
     def bytes(self) -> KVBytes:
         host = _nbytes(self.host_keys, self.host_values) if self.host_keys is not None else 0
         summ = _nbytes(self.summaries) if self.summaries is not None else 0
-        return KVBytes(_nbytes(self.keys, self.values) + summ, host)
+        return KVBytes(_nbytes(self.k_buf, self.v_buf) + summ, host)
 
     def prompt_rows_on_device(self) -> int:
         return self.resident_prompt
@@ -216,8 +216,8 @@ class OffloadedLayerKV(DecodeLayerKV):
             nxt, changed, _ = self.selector.plan(self.active, new)
             self.swaps += changed.any(-1).to(torch.int64)
         row0 = self.sink
-        copy_blocks(self.keys, self.host_keys, nxt, changed, row0)
-        copy_blocks(self.values, self.host_values, nxt, changed, row0)
+        copy_blocks(self.k_buf, self.host_keys, nxt, changed, row0)
+        copy_blocks(self.v_buf, self.host_values, nxt, changed, row0)
         self.blocks_copied += changed.sum()
         self.active.copy_(nxt)
 

@@ -29,20 +29,21 @@ def test_resident_layer_appends_in_place_and_counts_bytes():
     assert layer.capacity == 13 and layer.get_seq_length() == 10 and layer.write_index() == 10
     assert layer.bytes().gpu == 2 * 13 * 2 * 8 * 4 and layer.bytes().host == 0
     assert layer.prompt_rows_on_device() == 10
-    storage = layer.keys.data_ptr()
+    storage = layer.k_buf.data_ptr()
     nk, nv = torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0)
     row = torch.tensor([layer.write_index()])
     layer.write(nk, nv, row)
     layer.advance()
-    assert layer.keys.data_ptr() == storage  # no reallocation
+    assert layer.k_buf.data_ptr() == storage  # no reallocation
     torch.testing.assert_close(layer.keys[:, :, :10], k, rtol=0, atol=0)
+    assert layer.keys.shape[2] == 11 and layer.k_buf.shape[2] == 13  # `keys` shows the held rows only
     assert torch.equal(layer.keys[:, :, 10], nk[:, :, 0]) and torch.equal(layer.values[:, :, 10], nv[:, :, 0])
     assert layer.valid_rows(row).tolist() == [True] * 11 + [False] * 2
     for _ in range(2):
         layer.advance()
     assert layer.free_rows() == 0
     layer.grow(5)
-    assert layer.capacity == 18 and torch.equal(layer.keys[:, :, 10], nk[:, :, 0])
+    assert layer.capacity == 18 and layer.k_buf.shape[2] == 18 and torch.equal(layer.keys[:, :, 10], nk[:, :, 0])
 
 
 def test_cache_from_pruned_prefill_keeps_per_layer_lengths():
