@@ -2,14 +2,15 @@
 
 Per layer the device keeps the sink, the tail (window + remainder), every generated token and
 an active set of A = decode_budget // block_size prompt blocks; all prompt blocks live in
-(pinned) host memory, and a summary per block (per-dimension key min and max, or the mean
-key: `offload_summary`) stays on the device.
+(pinned) host memory, and a summary per block (the mean key, or the per-dimension key min and
+max: `offload_summary`) stays on the device.
 Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
   scores  = max over heads and GQA group of a block score            [b, n]
-            "minmax" (default, Quest): sum_d max(q_d min_d, q_d max_d) over the block's
-            per-dimension key range, an upper bound of q . k in the block; "mean": q . mean key
+            "mean" (default): q . mean key; "minmax" (Quest): sum_d max(q_d min_d, q_d max_d)
+            over the block's per-dimension key range, an upper bound of q . k in the block
+            (lost more prompts than "mean" on SmolLM2 at 2K, docs/accuracy.md)
   new     = top-A blocks
   overlap = |new & active| / A;   swap iff overlap < swap_threshold
   on swap, the blocks of `new` not yet active take the slots of the active blocks that left
@@ -144,7 +145,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         block_size: int,
         decode_budget: int,
         swap_threshold: float,
-        summary: str = "minmax",
+        summary: str = "mean",
     ):
         b, h, L, d = keys.shape
         dev = keys.device

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "kv": "resident",
     "decode_budget": 2048,
     "swap_threshold": 0.9,
-    "offload_summary": "minmax",
+    "offload_summary": "mean",
     "decode_reserve": 256,
     "cuda_graphs": True,
 }
@@ -55,8 +55,8 @@ HELP: dict[str, str] = {
     "host memory, an active set on the device) or 'dynamic' (transformers' DynamicCache through the compiled graph)",
     "decode_budget": "kv='offload': prompt tokens per layer in the device's active block set (besides sink, tail, generated)",
     "swap_threshold": "kv='offload': swap in a new block set only when it overlaps the active one by less than this (0..1]",
-    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'minmax' (per-dimension "
-    "key range, Quest's upper bound of q.k) or 'mean' (mean key)",
+    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'mean' (mean key) or "
+    "'minmax' (per-dimension key range, Quest's upper bound of q.k; measured worse on SmolLM2, docs/accuracy.md)",
     "decode_reserve": "kv='resident'/'offload': rows reserved for generated tokens; buffers grow by this much when full",
     "cuda_graphs": "kv='resident'/'offload' on CUDA: replay the decode step as a CUDA graph",
 }
@@ -93,7 +93,7 @@ class SlimOptions:
     kv: str = "resident"
     decode_budget: int = 2048
     swap_threshold: float = 0.9
-    offload_summary: str = "minmax"
+    offload_summary: str = "mean"
     decode_reserve: int = 256
     cuda_graphs: bool = True
 
