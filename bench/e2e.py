@@ -6,6 +6,7 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   hf-offload          DynamicCache(offloading=True), transformers' own KV offload
   slim-resident       slimcompile.compile(model) (default schedule, kv="resident", CUDA graphs)
   slim-offload        the same with kv="offload"
+  slim-resident-matmul  slim-resident with SLIM_DECODE_ATTN=matmul (decode attention as matmuls)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
 and for slim the prompt KV kept on the GPU. For slim-offload it also profiles a few decode steps
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ttft import add_model_args, build_model  # noqa: E402
 
-VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload"]
+VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-matmul"]
 
 
 def _sync(device: str) -> None:
@@ -122,10 +123,14 @@ def profile_offload_steps(model, cache, tok, out_dir: str, steps: int = 6) -> di
 def run_variant(name: str, model, lengths, args, f) -> None:
     import slimcompile
 
+    from slimcompile.runtime.decode import ENV_ATTN
+
     if name.startswith("slim"):
         opts = {"kv": "offload" if name == "slim-offload" else "resident"}
         opts.update(json.loads(args.slim_options))
         slimcompile.compile(model, **opts)
+    if name.endswith("-matmul"):  # decode attention as batched matmuls instead of one masked SDPA
+        os.environ[ENV_ATTN] = "matmul"
     try:
         for i, L in enumerate(lengths):
             new = args.offload_new if name == "hf-offload" else args.new
@@ -161,6 +166,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
     finally:
+        os.environ.pop(ENV_ATTN, None)
         if hasattr(model, "slim"):
             model.forward = model.slim.original_forward
             del model.slim
