@@ -87,31 +87,21 @@ class StaticDecoder:
             v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             row = self.bases[li : li + 1] + self.step_no
-            before = getattr(kv, "before_attention", None)
-            if before is not None:
-                before(q)
+            kv.before_attention(q)
             kv.write(k, v, row)
             o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, kv.valid_rows(row), attn.scaling)
-            after = getattr(kv, "after_attention", None)
-            if after is not None:
-                after(q)
+            kv.after_attention(q)
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for kv in self.cache.layers:
-            join = getattr(kv, "join", None)
-            if join is not None:
-                join()
+            kv.join()
         return self.model.lm_head(inner.norm(h))
-
-    def _rebind(self) -> None:
-        """Buffers moved (grew): bases stay, the graph must be recorded again."""
-        self.graph = None
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [b, 1, vocab] for `input_ids` [b, 1] at the next position; advances the cache."""
-        if self.cache.ensure_room():
-            self._rebind()
+        if self.cache.ensure_room():  # buffers moved: rows keep their indices, the graph is recorded again
+            self.graph = None
         self.ids.copy_(input_ids)
         self.step_no.fill_(self.cache.generated)
         if not self.use_graph or self.steps == 0:

@@ -49,6 +49,7 @@ class DecodeLayerKV(CacheLayerMixin):
         self.capacity = capacity
         self.device = device
         self.is_initialized = True
+        self._rows = torch.arange(capacity, device=device)
 
     # `k_buf`/`v_buf` [b, Hkv, capacity, d] are the static buffers the decode step reads and writes.
     @property
@@ -71,8 +72,20 @@ class DecodeLayerKV(CacheLayerMixin):
         self.v_buf.index_copy_(2, index, v)
 
     def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """[capacity] bool: rows attention may read once the token at `index` is written."""
-        raise NotImplementedError
+        """[capacity] bool: rows attention may read once the token at `index` is written.
+
+        Every layout keeps its held rows first and the spare rows last."""
+        return self._rows <= index
+
+    # Hooks around attention in the decode step; `OffloadedLayerKV` loads and prefetches blocks there.
+    def before_attention(self, q: torch.Tensor) -> None:
+        pass
+
+    def after_attention(self, q: torch.Tensor) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
 
     def bytes(self) -> KVBytes:
         """Bytes allocated for this layer's KV (spare rows included) on the device and in host memory."""
@@ -97,6 +110,7 @@ class DecodeLayerKV(CacheLayerMixin):
         self.k_buf = torch.cat([self.k_buf, pad], dim=2)
         self.v_buf = torch.cat([self.v_buf, pad.clone()], dim=2)
         self.capacity += extra
+        self._rows = torch.arange(self.capacity, device=self.device)
 
     # -- transformers' CacheLayerMixin ----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,17 +142,9 @@ class ResidentLayerKV(DecodeLayerKV):
         self.v_buf = values.new_zeros(b, h, L + reserve, d)
         self.k_buf[:, :, :L] = keys
         self.v_buf[:, :, :L] = values
-        self._rows = torch.arange(L + reserve, device=keys.device)
-
-    def grow(self, extra: int) -> None:
-        super().grow(extra)
-        self._rows = torch.arange(self.capacity, device=self.device)
 
     def write_index(self) -> int:
         return self.prompt_len + self.generated
-
-    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self._rows <= index
 
     def bytes(self) -> KVBytes:
         return KVBytes(_nbytes(self.k_buf, self.v_buf), 0)

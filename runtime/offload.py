@@ -35,6 +35,7 @@ import weakref
 import torch
 
 from slimcompile.runtime.block_copy import copy_blocks
+from slimcompile.schedule import num_blocks
 from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
 
 
@@ -150,7 +151,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         b, h, L, d = keys.shape
         dev = keys.device
         sink = min(sink, L)
-        n = max((L - sink - window) // block_size, 0)
+        n = max(num_blocks(L, sink, window, block_size), 0)
         A = min(n, max(decode_budget // block_size, 1))
         tail = L - sink - n * block_size
         self.sink, self.block_size, self.n_blocks, self.n_active, self.tail = sink, block_size, n, A, tail
@@ -164,7 +165,6 @@ class OffloadedLayerKV(DecodeLayerKV):
         for buf, src in ((self.k_buf, keys), (self.v_buf, values)):
             buf[:, :, :sink] = src[:, :, :sink]
             buf[:, :, sink + A * block_size : resident_prompt] = src[:, :, sink + n * block_size :]
-        self._rows = torch.arange(self.capacity, device=dev)
         if self.all_resident:
             for buf, src in ((self.k_buf, keys), (self.v_buf, values)):
                 buf[:, :, body] = src[:, :, body]
@@ -192,13 +192,6 @@ class OffloadedLayerKV(DecodeLayerKV):
     # -- DecodeLayerKV ------------------------------------------------------------------------------
     def write_index(self) -> int:
         return self.resident_prompt + self.generated
-
-    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self._rows <= index
-
-    def grow(self, extra: int) -> None:
-        super().grow(extra)
-        self._rows = torch.arange(self.capacity, device=self.device)
 
     def bytes(self) -> KVBytes:
         host = _nbytes(self.host_keys, self.host_values) if self.host_keys is not None else 0

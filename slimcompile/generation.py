@@ -99,8 +99,9 @@ def compile(
     @functools.wraps(original)
     def forward(*args: Any, **kw: Any) -> Any:
         cache = kw.get("past_key_values")
+        input_ids = args[0] if args else kw.get("input_ids")
         if isinstance(cache, SlimKVCache):
-            return _decode(model, cache, args[0] if args else kw.get("input_ids"), opts)
+            return _decode(model, cache, input_ids, opts)
         fresh = cache is None or cache.get_seq_length() == 0
         unpadded = _unpadded(kw)
         if unpadded:
@@ -110,9 +111,8 @@ def compile(
         # analysis to specialise them, which doubles the first compile.
         with torch._dynamo.config.patch(specialize_float=True):
             out = compiled(*args, **kw)
-        prompt = args[0] if args else kw.get("input_ids")
-        if opts.kv != "dynamic" and fresh and unpadded and prompt is not None and _has_kv(out):
-            out.past_key_values = SlimKVCache.from_prefill(drain(out.past_key_values), prompt.shape[1], opts)
+        if opts.kv != "dynamic" and fresh and unpadded and input_ids is not None and _has_kv(out):
+            out.past_key_values = SlimKVCache.from_prefill(drain(out.past_key_values), input_ids.shape[1], opts)
         return out
 
     model.forward = forward

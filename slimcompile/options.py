@@ -150,6 +150,12 @@ def _per_layer(key: str, value: Any, n: int, kind: type) -> tuple:
     return tuple(kind(v) for v in vals)
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _err(key, value, "must be True or False")
+    return value
+
+
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _err(key, value, "must be a positive int")
@@ -180,9 +186,7 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         raw["keep_ratio"] = None
     v = {**DEFAULTS, **raw}
 
-    enabled = v["enabled"]
-    if not isinstance(enabled, bool):
-        raise _err("enabled", enabled, "must be True or False")
+    enabled = _bool("enabled", v["enabled"])
 
     layers = v["prune_layers"]
     if layers is None:
@@ -248,8 +252,7 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         raise _err("swap_threshold", thr, "must be a number in (0, 1]")
     if v["offload_summary"] not in OFFLOAD_SUMMARIES:
         raise _err("offload_summary", v["offload_summary"], f"allowed: {list(OFFLOAD_SUMMARIES)}")
-    if not isinstance(v["cuda_graphs"], bool):
-        raise _err("cuda_graphs", v["cuda_graphs"], "must be True or False")
+    _bool("cuda_graphs", v["cuda_graphs"])
 
     return SlimOptions(
         prune_layers=tuple(layers),

@@ -56,17 +56,22 @@ def test_schedule_matches_reference(arch, kv_heads, opts):
     schedule = parse_options(options).resolve(4)
     fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
     for length in (41, 58):
-        x = ids(length)
-        with torch.no_grad():
-            out = fast(x, use_cache=True, logits_to_keep=1)
-        ref = reference.prefill(model, x, schedule)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-        kv = _kv(out)
-        assert [k.shape[2] for k, _ in kv] == [k.shape[2] for k in ref.keys]
-        assert kv[-1][0].shape[2] < length  # something was pruned
-        for (k, v), rk, rv in zip(kv, ref.keys, ref.values):
-            torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+        _assert_prefill_matches_reference(fast, model, schedule, length)
+
+
+def _assert_prefill_matches_reference(fast, model, schedule, length):
+    """Logits, per-layer KV lengths and KV of `fast` equal the reference's, and something was pruned."""
+    x = ids(length)
+    with torch.no_grad():
+        out = fast(x, use_cache=True, logits_to_keep=1)
+    ref = reference.prefill(model, x, schedule)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    kv = _kv(out)
+    assert [k.shape[2] for k, _ in kv] == [k.shape[2] for k in ref.keys]
+    assert kv[-1][0].shape[2] < length  # something was pruned
+    for (k, v), rk, rv in zip(kv, ref.keys, ref.values):
+        torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_selects_per_sample():
@@ -234,11 +239,7 @@ def test_flatten_linear_rewrite_matches_reference(monkeypatch):
     fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
     COMPILATIONS.clear()
     for length in (41, 58):
-        x = ids(length)
-        with torch.no_grad():
-            out = fast(x, use_cache=True, logits_to_keep=1)
-        ref = reference.prefill(model, x, schedule)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        _assert_prefill_matches_reference(fast, model, schedule, length)
     assert len(COMPILATIONS) == 1
     graph = COMPILATIONS[-1].graph.graph
     linears = [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
