@@ -6,11 +6,13 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   hf-offload          DynamicCache(offloading=True), transformers' own KV offload
   slim-resident       slimcompile.compile(model) (default schedule, kv="resident", CUDA graphs)
   slim-offload        the same with kv="offload"
+  slim-resident-sdpa    slim-resident with SLIM_DECODE_ATTN=sdpa (one masked SDPA call per layer)
   slim-resident-matmul  slim-resident with SLIM_DECODE_ATTN=matmul (decode attention as matmuls)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
-and for slim the prompt KV kept on the GPU. For slim-offload it also profiles a few decode steps
-and reports how much of the block-copy kernels' time overlaps other kernels (trace in OUT).
+and for slim the prompt KV kept on the GPU. For each slim variant it also profiles a few decode steps
+(the kernels that take the most GPU time per step; for slim-offload also how much of the
+block-copy kernels' time overlaps other kernels, trace in OUT).
 Rows go to OUT/e2e.jsonl as they are measured.
 
     python bench/e2e.py --out /tmp/e2e                                    # H200
@@ -31,7 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ttft import add_model_args, build_model  # noqa: E402
 
-VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-matmul"]
+VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-sdpa",
+            "slim-resident-matmul"]
+ATTN_SUFFIXES = ("sdpa", "matmul", "triton")  # slim-resident-<impl>: SLIM_DECODE_ATTN=<impl>
 
 
 def _sync(device: str) -> None:
@@ -102,7 +106,21 @@ def _overlap_from_trace(path: str) -> dict[str, float]:
             "other_kernel_us": step_us}
 
 
-def profile_offload_steps(model, cache, tok, out_dir: str, steps: int = 6) -> dict:
+def _top_kernels(path: str, steps: int, top: int = 8) -> list[list]:
+    """[name, GPU us per step, calls per step] of the kernels with the most total time."""
+    with open(path) as f:
+        events = json.load(f).get("traceEvents", [])
+    total: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            t = total.setdefault(e["name"][:90], [0.0, 0])
+            t[0] += e["dur"]
+            t[1] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[name, round(us / steps, 1), round(n / steps, 1)] for name, (us, n) in rows]
+
+
+def profile_decode_steps(name: str, cache, tok, out_dir: str, steps: int = 6) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     dec = cache.decoder
@@ -112,11 +130,13 @@ def profile_offload_steps(model, cache, tok, out_dir: str, steps: int = 6) -> di
         for _ in range(steps):
             dec.step(tok)
         torch.cuda.synchronize()
-    path = os.path.join(out_dir, "slim_offload_decode_trace.json")
+    path = os.path.join(out_dir, f"{name}_decode_trace.json")
     prof.export_chrome_trace(path)
-    stats = _overlap_from_trace(path)
-    stats["swaps"] = int(sum(int(l.swaps.sum()) for l in cache.layers if not l.all_resident))
-    stats["blocks_copied"] = int(sum(int(l.blocks_copied) for l in cache.layers if not l.all_resident))
+    stats = {"top_kernels_us_per_step": _top_kernels(path, steps)}
+    if name == "slim-offload":
+        stats.update(_overlap_from_trace(path))
+        stats["swaps"] = int(sum(int(l.swaps.sum()) for l in cache.layers if not l.all_resident))
+        stats["blocks_copied"] = int(sum(int(l.blocks_copied) for l in cache.layers if not l.all_resident))
     return stats
 
 
@@ -129,8 +149,9 @@ def run_variant(name: str, model, lengths, args, f) -> None:
         opts = {"kv": "offload" if name == "slim-offload" else "resident"}
         opts.update(json.loads(args.slim_options))
         slimcompile.compile(model, **opts)
-    if name.endswith("-matmul"):  # decode attention as batched matmuls instead of one masked SDPA
-        os.environ[ENV_ATTN] = "matmul"
+    impl = name.rsplit("-", 1)[-1]
+    if name.startswith("slim-resident-") and impl in ATTN_SUFFIXES:  # another decode attention
+        os.environ[ENV_ATTN] = impl
     try:
         for i, L in enumerate(lengths):
             new = args.offload_new if name == "hf-offload" else args.new
@@ -151,9 +172,9 @@ def run_variant(name: str, model, lengths, args, f) -> None:
                    "decode_ms_per_token": (e2e - ttft) / (new - 1), "warmup_s": warm_s,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
                    **_kv_bytes(out.past_key_values)}
-            if name == "slim-offload" and args.device == "cuda" and L == lengths[0]:
+            if name.startswith("slim") and args.device == "cuda" and L == lengths[0]:
                 try:
-                    row["profile"] = profile_offload_steps(model, out.past_key_values, out.sequences[:, -1:], args.out)
+                    row["profile"] = profile_decode_steps(name, out.past_key_values, out.sequences[:, -1:], args.out)
                 except Exception as e:  # the timing above stands without the trace
                     row["profile"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             del out

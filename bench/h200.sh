@@ -2,7 +2,9 @@
 # One device call: install, check correctness on the GPU, then time prefill variants.
 # Usage (repo root, on the GPU machine): bash bench/h200.sh "<ttft variants>" "<lengths>"
 #   CHECK=0            skip bench/gpu_check.py
-#   PROBE=1            first run bench/recompile_probe.py (which guard recompiles per prompt length)
+#   GPU_TESTS=1        run the CUDA-only tests (pytest -k cuda) of the kernels and the KV runtime
+#   PROBE=1            run bench/recompile_probe.py (which guard recompiles per prompt length) once per
+#                      mode in PROBE_MODES (base, flatten, suppress, both; default base)
 #   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768)
 # An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
@@ -14,9 +16,20 @@ python3 -c 'import torch, transformers, triton; print(torch.__version__, transfo
 if [ "${CHECK:-1}" = 1 ]; then
   python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_decode_attention.py tests/test_kv_runtime.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+fi
 if [ "${PROBE:-0}" = 1 ]; then
-  python3 bench/recompile_probe.py --impl auto 2>&1 | grep -v -i warn > "$OUT/probe.log"
-  grep "compilations" "$OUT/probe.log"
+  for mode in ${PROBE_MODES:-base}; do
+    case $mode in
+      flatten) env_mode="SLIM_FLATTEN_LINEAR=1" ;;
+      suppress) env_mode="SLIM_SUPPRESS_PROP_GUARDS=1" ;;
+      both) env_mode="SLIM_FLATTEN_LINEAR=1 SLIM_SUPPRESS_PROP_GUARDS=1" ;;
+      *) env_mode="SLIM_NO_PROBE_FIX=1" ;;
+    esac
+    env $env_mode python3 bench/recompile_probe.py --impl auto --lengths "${PROBE_LENGTHS:-4000,6500,9000}" 2>&1 | grep -v -i warn > "$OUT/probe_$mode.log"
+    grep "compilations" "$OUT/probe_$mode.log" | sed "s/^/[$mode] /"
+  done
 fi
 if [ -n "${1:-}" ]; then
   python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" 2>&1 | grep -v -i warn | tee "$OUT/ttft.log"

@@ -5,6 +5,10 @@ every shape guard that pins a length expression to a number, with the stack that
 once with the Triton scoring path and once with SLIM_SCORING_IMPL=torch to bisect.
 
     python bench/recompile_probe.py [--impl triton|torch] [--device cuda]
+
+Each length's logits and per-layer KV lengths are compared with `slimcompile.reference` (so a
+fix that drops a guard the compiled code needed shows up as a mismatch). Candidate fixes are
+switched by SLIM_FLATTEN_LINEAR=1 and SLIM_SUPPRESS_PROP_GUARDS=1.
 """
 
 from __future__ import annotations
@@ -62,11 +66,20 @@ def main() -> None:
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     opts = {"prune_layers": [1, 3], "keep_ratio": 0.5, "block_size": 32, "window": 32, "sink": 32, "min_prune_len": 512}
     fn = torch.compile(model, backend="slim", options=opts, dynamic=True)
+    from slimcompile import reference
+    from slimcompile.options import parse_options
+
+    schedule = parse_options(opts).resolve(cfg.num_hidden_layers)
     with torch.no_grad():
         for n in (int(x) for x in args.lengths.split(",")):
             before = len(COMPILATIONS)
-            fn(torch.randint(0, 1024, (1, n), device=args.device), use_cache=True, logits_to_keep=1)
-            print(f"impl={args.impl} length {n}: +{len(COMPILATIONS) - before} compilations", flush=True)
+            x = torch.randint(0, 1024, (1, n), device=args.device)
+            out = fn(x, use_cache=True, logits_to_keep=1)
+            ref = reference.prefill(model, x, schedule)
+            err = ((out.logits - ref.logits).abs().max() / ref.logits.abs().max()).item()
+            lens_ok = [l.keys.shape[2] for l in out.past_key_values.layers] == [k.shape[2] for k in ref.keys]
+            print(f"impl={args.impl} length {n}: +{len(COMPILATIONS) - before} compilations; "
+                  f"vs reference: KV lengths {'equal' if lens_ok else 'DIFFER'}, max rel logit diff {err:.1e}", flush=True)
     print(f"impl={args.impl} total compilations {len(COMPILATIONS)} for {args.lengths}", flush=True)
 
 

@@ -2,7 +2,8 @@
 
 The step runs the model's own modules (LLaMA-family: norms, q/k/v/o projections, RoPE, MLP) in
 plain PyTorch, gpt-fast style: each layer writes its new k/v in place at a device-side row and
-attends over its whole static buffer with a validity mask. Grouped-query attention needs no
+attends over the valid prefix of its static buffer (every layout keeps its held rows first), whose
+length is a device tensor. Grouped-query attention needs no
 `repeat_kv`: the G query heads of a kv head become G query rows of one attention call
 (q [b, Hkv, G, d] against k [b, Hkv, C, d]), which is exact for a single decode position.
 
@@ -20,39 +21,48 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from slimcompile.runtime import decode_attention
 from slimcompile.runtime.kv_cache import SlimKVCache
 
 
 ENV_ATTN = "SLIM_DECODE_ATTN"
+ATTN_IMPLS = ("auto", "triton", "sdpa", "matmul")
 
 
-def decode_attention_impl() -> str:
-    """SLIM_DECODE_ATTN: "sdpa" (default, measured in bench/RESULTS.md) or "matmul"."""
-    v = os.environ.get(ENV_ATTN, "sdpa").strip().lower() or "sdpa"
-    if v not in ("sdpa", "matmul"):
-        raise ValueError(f"{ENV_ATTN} must be sdpa or matmul, got {v!r}")
+def decode_attention_impl(device: torch.device) -> str:
+    """SLIM_DECODE_ATTN: "auto" (default: "triton" on CUDA when triton is installed, else "sdpa"),
+    "triton", "sdpa" or "matmul" (bench/RESULTS.md compares them on an H200)."""
+    v = os.environ.get(ENV_ATTN, "auto").strip().lower() or "auto"
+    if v not in ATTN_IMPLS:
+        raise ValueError(f"{ENV_ATTN} must be one of {', '.join(ATTN_IMPLS)}, got {v!r}")
+    if v == "auto":
+        return "triton" if device.type == "cuda" and decode_attention.HAS_TRITON else "sdpa"
     return v
 
 
-def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [b, Hq, 1, d] over keys/values [b, Hkv, C, d] where `valid` [C]; returns [b, 1, Hq * d].
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [b, Hq, 1, d] over rows [0, n) of keys/values [b, Hkv, C, d] (n: [1] device tensor); returns [b, 1, Hq * d].
 
-    "sdpa": one masked SDPA call. On CUDA that is the memory-efficient kernel, which
-    parallelises over (batch, kv head, query block) only: b * Hkv programs stream the whole
-    cache, which is the likely cause of the slow decode step measured on the H200.
-    "matmul": q.K^T and P.V as batched matmuls (scores in fp32 after a bf16 product, like
-    transformers' eager attention), which spread the key axis over the whole GPU; not yet
-    measured on a GPU.
+    "triton": the split-K kernel of `runtime.decode_attention`, which spreads the key axis over
+    the whole GPU. "sdpa": one masked SDPA call; on CUDA that is the memory-efficient kernel,
+    which runs one program per (batch, kv head), so 8 programs stream the whole cache (the slow
+    decode step measured in session 2). "matmul": q.K^T and P.V as batched matmuls (scores in
+    fp32 after a bf16 product, like transformers' eager attention).
     """
     b, hq, _, d = q.shape
     hkv = keys.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)
-    if decode_attention_impl() == "matmul":
-        s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
-        s = s.masked_fill(~valid, float("-inf"))
-        o = torch.matmul(torch.softmax(s, dim=-1).to(values.dtype), values)
+    impl = decode_attention_impl(q.device)
+    if impl == "triton":
+        o = decode_attention.triton_decode_attention(qg, keys, values, n, scale)
     else:
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid[None, None, None, :], scale=scale)
+        valid = torch.arange(keys.shape[2], device=keys.device) < n
+        if impl == "matmul":
+            s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
+            s = s.masked_fill(~valid, float("-inf"))
+            o = torch.matmul(torch.softmax(s, dim=-1).to(values.dtype), values)
+        else:
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid[None, None, None, :], scale=scale)
     return o.reshape(b, 1, hq * d)
 
 
@@ -89,7 +99,7 @@ class StaticDecoder:
             row = self.bases[li : li + 1] + self.step_no
             kv.before_attention(q)
             kv.write(k, v, row)
-            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, kv.valid_rows(row), attn.scaling)
+            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, attn.scaling)
             kv.after_attention(q)
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

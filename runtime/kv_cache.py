@@ -49,7 +49,6 @@ class DecodeLayerKV(CacheLayerMixin):
         self.capacity = capacity
         self.device = device
         self.is_initialized = True
-        self._rows = torch.arange(capacity, device=device)
 
     # `k_buf`/`v_buf` [b, Hkv, capacity, d] are the static buffers the decode step reads and writes.
     @property
@@ -63,19 +62,16 @@ class DecodeLayerKV(CacheLayerMixin):
 
     # -- what the decode step uses --------------------------------------------------------------
     def write_index(self) -> int:
-        """Buffer row where the next generated token goes (host int; the step turns it into a tensor)."""
+        """Buffer row where the next generated token goes (host int; the step turns it into a tensor).
+
+        Every layout keeps its held rows first and its spare rows last, so the decode step attends
+        over the prefix [0, write_index] once the new token is written there."""
         raise NotImplementedError
 
     def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Store one token's k/v ([b, Hkv, 1, d]) at buffer row `index` (a [1] device tensor)."""
         self.k_buf.index_copy_(2, index, k)
         self.v_buf.index_copy_(2, index, v)
-
-    def valid_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """[capacity] bool: rows attention may read once the token at `index` is written.
-
-        Every layout keeps its held rows first and the spare rows last."""
-        return self._rows <= index
 
     # Hooks around attention in the decode step; `OffloadedLayerKV` loads and prefetches blocks there.
     def before_attention(self, q: torch.Tensor) -> None:
@@ -110,7 +106,6 @@ class DecodeLayerKV(CacheLayerMixin):
         self.k_buf = torch.cat([self.k_buf, pad], dim=2)
         self.v_buf = torch.cat([self.v_buf, pad.clone()], dim=2)
         self.capacity += extra
-        self._rows = torch.arange(self.capacity, device=self.device)
 
     # -- transformers' CacheLayerMixin ----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
