@@ -4,7 +4,7 @@
 #   CHECK=0            skip bench/gpu_check.py
 #   GPU_TESTS=1        run the CUDA-only tests (pytest -k cuda) of the kernels and the KV runtime
 #   PROBE=1            run bench/recompile_probe.py (which guard recompiles per prompt length) once per
-#                      mode in PROBE_MODES (base, flatten, suppress, both; default base)
+#                      mode in PROBE_MODES (flatten: default passes; noflatten: SLIM_FLATTEN_LINEAR=0)
 #   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768)
 # An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
@@ -17,17 +17,15 @@ if [ "${CHECK:-1}" = 1 ]; then
   python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_decode_attention.py tests/test_kv_runtime.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_decode_attention.py tests/test_kv_runtime.py --tb=short 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
 fi
 if [ "${PROBE:-0}" = 1 ]; then
-  for mode in ${PROBE_MODES:-base}; do
+  for mode in ${PROBE_MODES:-flatten}; do
     case $mode in
-      flatten) env_mode="SLIM_FLATTEN_LINEAR=1" ;;
-      suppress) env_mode="SLIM_SUPPRESS_PROP_GUARDS=1" ;;
-      both) env_mode="SLIM_FLATTEN_LINEAR=1 SLIM_SUPPRESS_PROP_GUARDS=1" ;;
-      *) env_mode="SLIM_NO_PROBE_FIX=1" ;;
+      noflatten) env_mode="SLIM_FLATTEN_LINEAR=0" ;;
+      *) env_mode="SLIM_FLATTEN_LINEAR=1" ;;
     esac
-    env $env_mode python3 bench/recompile_probe.py --impl auto --lengths "${PROBE_LENGTHS:-4000,6500,9000}" 2>&1 | grep -v -i warn > "$OUT/probe_$mode.log"
+    env $env_mode python3 bench/recompile_probe.py --impl auto --lengths "${PROBE_LENGTHS:-6000,9000,13000}" 2>&1 | grep -v -i warn > "$OUT/probe_$mode.log"
     grep "compilations" "$OUT/probe_$mode.log" | sed "s/^/[$mode] /"
   done
 fi

@@ -1,13 +1,14 @@
-"""Rewrite 3-D `linear` calls on pruned hidden states into 2-D ones (experimental, opt-in).
+"""Rewrite 3-D `linear` calls on pruned hidden states into 2-D ones.
 
-On an H200 (torch 2.11) the fake implementation of CUDA's `linear`, given a [b, kept, h] input
-whose length is a pruned-length expression, calls `sizes()`, which pins the kept length to the
-first prompt's value: one recompilation per prompt length (bench/RESULTS.md). A 2-D input goes
-straight to `mm`, skipping the 3-D folding logic of `matmul` where that call is suspected to be.
-This helper rewrites `linear(x, w, b)` into `linear(x.reshape(-1, h), w, b).reshape(b, kept, -1)`
-for the given nodes. The token-prune pass applies it to the nodes after a pruning layer, before
-re-propagating shapes, when SLIM_FLATTEN_LINEAR=1; it is off by default until measured on a GPU
-(`SLIM_FLATTEN_LINEAR=1 python bench/recompile_probe.py`).
+On an H200 (torch 2.11) the fake implementation of CUDA's 3-D `linear`, given a [b, kept, h]
+input whose length is a pruned-length expression, calls `sizes()`, which pins the kept length
+to the first prompt's value: one recompilation per prompt length (bench/RESULTS.md). A 2-D
+input goes straight to `mm`. This helper rewrites `linear(x, w, b)` into
+`linear(x.reshape(-1, h), w, b).reshape(b, kept, -1)` for the given nodes; the token-prune pass
+applies it to the nodes after a pruning layer, before re-propagating shapes. With it the
+recompile probe (`python bench/recompile_probe.py` on CUDA) no longer shows the pinning guard.
+SLIM_FLATTEN_LINEAR=0 turns it off (to reproduce the recompile). Inductor lowers a 3-D linear
+to the same `mm` on a view, so the generated code does not change.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0").strip() == "1"
+    return os.environ.get(ENV, "1").strip() != "0"
 
 
 def flatten_linears(graph: fx.Graph, nodes: Iterable[fx.Node]) -> list[fx.Node]:

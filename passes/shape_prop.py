@@ -9,8 +9,6 @@ recompile. A shape error here means the rewrite broke the graph; the caller fall
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Any
 
 import torch
@@ -30,18 +28,6 @@ class _FakeProp(fx.Interpreter):
         return out
 
 
-SUPPRESS_ENV = "SLIM_SUPPRESS_PROP_GUARDS"
-
-
-def suppress_guards() -> bool:
-    """SLIM_SUPPRESS_PROP_GUARDS=1: record no shape guards while re-propagating (experimental).
-
-    The values computed here are metadata for the passes; AOTAutograd and Inductor trace the
-    rewritten graph again and add the guards the compiled code needs. On CUDA a guard added here
-    pins the pruned length (bench/RESULTS.md, the per-length recompile)."""
-    return os.environ.get(SUPPRESS_ENV, "0").strip() == "1"
-
-
 def stale_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes without example values (new ones) and everything that reads them, transitively."""
     dirty: set[fx.Node] = set()
@@ -58,8 +44,6 @@ def refresh_example_values(gm: fx.GraphModule, fake_mode: Any, changed: set[fx.N
     for n in changed:
         n.meta.pop("example_value", None)
     dirty = stale_nodes(gm)
-    shape_env = getattr(fake_mode, "shape_env", None)
-    quiet = shape_env.suppress_guards() if shape_env is not None and suppress_guards() else contextlib.nullcontext()
-    with fake_mode, torch.no_grad(), quiet:
+    with fake_mode, torch.no_grad():
         _FakeProp(gm, dirty).run()
     return len(dirty)

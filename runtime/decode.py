@@ -7,6 +7,11 @@ length is a device tensor. Grouped-query attention needs no
 `repeat_kv`: the G query heads of a kv head become G query rows of one attention call
 (q [b, Hkv, G, d] against k [b, Hkv, C, d]), which is exact for a single decode position.
 
+Around attention, each layer's norms, projections, RoPE and MLP run as two Inductor-compiled
+regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared by all layers:
+fused elementwise work instead of ~40 small kernels per layer. The attention and the KV
+hooks (offload's side-stream copies) stay outside them.
+
 With static shapes and no host synchronisation the whole step (32 layers, a few hundred
 kernels) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
 not by Python and kernel launches. A graph is re-recorded only when a buffer grows. The first
@@ -16,6 +21,7 @@ step runs eagerly (offload chooses its first active set there).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +72,56 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return o.reshape(b, 1, hq * d)
 
 
+ENV_COMPILE = "SLIM_DECODE_COMPILE"
+
+
+def compile_regions(device: torch.device) -> bool:
+    """SLIM_DECODE_COMPILE: "auto" (default: on CUDA), "1" or "0"."""
+    v = os.environ.get(ENV_COMPILE, "auto").strip().lower() or "auto"
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV_COMPILE} must be auto, 0 or 1, got {v!r}")
+    return device.type == "cuda" if v == "auto" else v == "1"
+
+
+def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Input norm, q/k/v projections and RoPE of one decoder layer for one position: q, k, v [b, H, 1, d]."""
+    attn = layer.self_attn
+    b, hd = h.shape[0], attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output_and_mlp(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """o_proj and residual, post-attention norm, MLP and residual of one decoder layer."""
+    h = h + layer.self_attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class _Region:
+    """A per-layer function compiled once with Inductor and reused by every layer (the layer is an
+    argument; Dynamo inlines its modules, so layers of one shape share a graph). Falls back to
+    eager, with a warning, if compilation fails."""
+
+    def __init__(self, fn, compiled: bool):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False, fullgraph=True) if compiled else None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # an architecture Inductor cannot take: decode stays correct, only slower
+            warnings.warn(f"slimcompile: decode step runs eagerly, compiling {self.fn.__name__} failed: "
+                          f"{type(e).__name__}: {str(e)[:200]}", stacklevel=2)
+            self.compiled = None
+            return self.fn(*args)
+
+
 class StaticDecoder:
     """Runs decode steps of `model` against `cache`; CUDA-graph replay when `use_graph`."""
 
@@ -80,6 +136,9 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
+        regions = compile_regions(dev)
+        self.pre = _Region(attention_inputs, regions)
+        self.post = _Region(attention_output_and_mlp, regions)
 
     def _forward(self) -> torch.Tensor:
         inner = self.model.model
@@ -89,20 +148,13 @@ class StaticDecoder:
         cos, sin = inner.rotary_emb(h, pos)
         for li, layer in enumerate(inner.layers):
             kv = self.cache.layers[li]
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            hd = attn.head_dim
-            q = attn.q_proj(x).view(b, 1, -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(b, 1, -1, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = self.pre(layer, h, cos, sin)
             row = self.bases[li : li + 1] + self.step_no
             kv.before_attention(q)
             kv.write(k, v, row)
-            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, attn.scaling)
+            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, layer.self_attn.scaling)
             kv.after_attention(q)
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = self.post(layer, h, o)
         for kv in self.cache.layers:
             kv.join()
         return self.model.lm_head(inner.norm(h))

@@ -186,6 +186,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
         self.primed = False
         self.stream = _side_stream(dev) if pin else None
+        self.q_buf: torch.Tensor | None = None  # the query the side stream scores with
         self.swaps = torch.zeros(b, dtype=torch.int64, device=dev)  # steps that swapped, per sample
         self.blocks_copied = torch.zeros((), dtype=torch.int64, device=dev)
 
@@ -232,9 +233,15 @@ class OffloadedLayerKV(DecodeLayerKV):
         if self.stream is None:
             self._apply(q, prime=False)
             return
+        # The side stream reads a persistent copy of q: the step's own q is freed (and its memory
+        # reused by the main stream) as soon as the next layer starts, maybe before the side
+        # stream has scored with it. The next write to q_buf comes after `join`.
+        if self.q_buf is None or self.q_buf.shape != q.shape:
+            self.q_buf = torch.empty_like(q)
+        self.q_buf.copy_(q)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self._apply(q, prime=False)
+            self._apply(self.q_buf, prime=False)
 
     def join(self) -> None:
         """Make the main stream wait for this layer's copies (end of a step / of a graph capture)."""

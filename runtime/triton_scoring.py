@@ -340,8 +340,10 @@ def attention_token_partials(
         combine_k = wrap_triton(_combine_kernel)
         token_k = wrap_triton(_token_kernel)
 
-    pm = torch.empty((b * hkv, n_split, rows), device=dev, dtype=torch.float32)
-    pl = torch.empty((b * hkv, n_split, rows), device=dev, dtype=torch.float32)
+    # Flat [b*Hkv*n_split*R] buffers (the kernels index them): a [.., n_split, ..] shape would make
+    # Inductor specialise on n_split == 1 (a guard on the length), i.e. recompile across lengths.
+    pm = torch.empty((b * hkv * n_split * rows,), device=dev, dtype=torch.float32)
+    pl = torch.empty((b * hkv * n_split * rows,), device=dev, dtype=torch.float32)
     stats_k[(n_split, n_rc, b * hkv)](
         q, k, pm, pl,
         L, n_split,

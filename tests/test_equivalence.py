@@ -228,11 +228,15 @@ def test_causal_mask_pass_leaves_no_mask_and_causal_sdpa():
     assert summary.changed and summary.nodes_removed > 0
 
 
-def test_flatten_linear_rewrite_matches_reference(monkeypatch):
-    """SLIM_FLATTEN_LINEAR=1 (experimental, for the CUDA recompile): same logits, 2-D linears after the cut."""
+@pytest.mark.parametrize("flatten", ["default", "0"])
+def test_flatten_linear_rewrite_matches_reference(monkeypatch, flatten):
+    """The 2-D linears after a cut (the CUDA recompile fix, on by default): same logits; SLIM_FLATTEN_LINEAR=0 keeps 3-D."""
     from slimcompile.passes.flatten_linear import LINEAR_TARGETS
 
-    monkeypatch.setenv("SLIM_FLATTEN_LINEAR", "1")
+    if flatten == "0":
+        monkeypatch.setenv("SLIM_FLATTEN_LINEAR", "0")
+    else:
+        monkeypatch.delenv("SLIM_FLATTEN_LINEAR", raising=False)
     model = tiny("llama", 2)
     options = {**SMALL, "prune_layers": [1, 2], "keep_ratio": 0.5}
     schedule = parse_options(options).resolve(4)
@@ -244,4 +248,7 @@ def test_flatten_linear_rewrite_matches_reference(monkeypatch):
     graph = COMPILATIONS[-1].graph.graph
     linears = [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
     dims = [example_value(n.args[0]).dim() for n in linears]
-    assert dims.count(2) >= 7 * 2 + 1  # q,k,v,o,gate,up,down of layers 2 and 3, and lm_head
+    if flatten == "0":
+        assert dims.count(2) == 0
+    else:
+        assert dims.count(2) >= 7 * 2 + 1  # q,k,v,o,gate,up,down of layers 2 and 3, and lm_head
