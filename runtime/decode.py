@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,10 @@ class StaticDecoder:
     """Runs decode steps of `model` against `cache`; CUDA-graph replay when `use_graph`."""
 
     def __init__(self, model: torch.nn.Module, cache: SlimKVCache, batch: int, use_graph: bool):
-        self.model, self.cache = model, cache
+        self.model = model
+        # A weak reference: the cache owns its decoder (cache.decoder), and a cycle would keep the
+        # KV buffers (and offload's pooled host buffers) alive until a garbage collection.
+        self._cache = weakref.ref(cache)
         dev = next(model.parameters()).device
         self.device = dev
         self.use_graph = use_graph and dev.type == "cuda"
@@ -139,6 +143,13 @@ class StaticDecoder:
         regions = compile_regions(dev)
         self.pre = _Region(attention_inputs, regions)
         self.post = _Region(attention_output_and_mlp, regions)
+
+    @property
+    def cache(self) -> SlimKVCache:
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("the SlimKVCache this decoder stepped was released")
+        return cache
 
     def _forward(self) -> torch.Tensor:
         inner = self.model.model

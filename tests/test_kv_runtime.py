@@ -311,3 +311,22 @@ def test_decode_region_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setenv("SLIM_DECODE_COMPILE", "yes")
     with pytest.raises(ValueError, match="SLIM_DECODE_COMPILE must be auto, 0 or 1"):
         decode.compile_regions(torch.device("cpu"))
+
+
+def test_a_finished_generation_releases_its_cache_without_a_gc_pass():
+    """No reference cycle between the cache and its decoder: dropping the generate output frees
+    the KV buffers at once (and returns offload's host buffers to the pool)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        _, _, out = _generate("offload", 64, ids(300), new=3)
+        cache = weakref.ref(out.past_key_values)
+        layer = weakref.ref(out.past_key_values.layers[1])
+        assert out.past_key_values.decoder is not None
+        del out
+        assert cache() is None and layer() is None
+    finally:
+        gc.enable()
