@@ -21,7 +21,6 @@ step runs eagerly (offload chooses its first active set there).
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
 
 import torch
@@ -30,6 +29,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from slimcompile.runtime import decode_attention
 from slimcompile.runtime.kv_cache import SlimKVCache
+from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
 
 ENV_ATTN = "SLIM_DECODE_ATTN"
@@ -73,17 +73,6 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return o.reshape(b, 1, hq * d)
 
 
-ENV_COMPILE = "SLIM_DECODE_COMPILE"
-
-
-def compile_regions(device: torch.device) -> bool:
-    """SLIM_DECODE_COMPILE: "auto" (default: on CUDA), "1" or "0"."""
-    v = os.environ.get(ENV_COMPILE, "auto").strip().lower() or "auto"
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"{ENV_COMPILE} must be auto, 0 or 1, got {v!r}")
-    return device.type == "cuda" if v == "auto" else v == "1"
-
-
 def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Input norm, q/k/v projections and RoPE of one decoder layer for one position: q, k, v [b, H, 1, d]."""
     attn = layer.self_attn
@@ -100,27 +89,6 @@ def attention_output_and_mlp(layer: torch.nn.Module, h: torch.Tensor, o: torch.T
     """o_proj and residual, post-attention norm, MLP and residual of one decoder layer."""
     h = h + layer.self_attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-class _Region:
-    """A per-layer function compiled once with Inductor and reused by every layer (the layer is an
-    argument; Dynamo inlines its modules, so layers of one shape share a graph). Falls back to
-    eager, with a warning, if compilation fails."""
-
-    def __init__(self, fn, compiled: bool):
-        self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=False, fullgraph=True) if compiled else None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            return self.fn(*args)
-        try:
-            return self.compiled(*args)
-        except Exception as e:  # an architecture Inductor cannot take: decode stays correct, only slower
-            warnings.warn(f"slimcompile: decode step runs eagerly, compiling {self.fn.__name__} failed: "
-                          f"{type(e).__name__}: {str(e)[:200]}", stacklevel=2)
-            self.compiled = None
-            return self.fn(*args)
 
 
 class StaticDecoder:
@@ -141,8 +109,8 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
         regions = compile_regions(dev)
-        self.pre = _Region(attention_inputs, regions)
-        self.post = _Region(attention_output_and_mlp, regions)
+        self.pre = CompiledRegion(attention_inputs, regions)
+        self.post = CompiledRegion(attention_output_and_mlp, regions)
 
     @property
     def cache(self) -> SlimKVCache:

@@ -16,9 +16,11 @@ Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the 
   on swap, the blocks of `new` not yet active take the slots of the active blocks that left
   (the others stay where they are), and only those slots are copied in.
 Everything is computed on the device, so there is no host synchronisation and the step can be
-replayed as a CUDA graph.
+replayed as a CUDA graph. A step's selection (`plan_next_active`) runs as one Inductor-compiled
+region on CUDA (`SLIM_DECODE_COMPILE`, runtime/regions.py): eagerly it was ~1400 tiny kernels per
+step on the side stream, as long as the block copies themselves (bench/RESULTS.md, session 3).
 
-Timing (`OffloadedLayerKV.prefetch`): the first decode step selects with its own query before
+Timing (`OffloadedLayerKV.after_attention`): the first decode step selects with its own query before
 attention. From then on, after layer l's attention at step t the selection for step t + 1 is
 made from step t's query and the copy runs on a side stream while layers l+1.. compute; step
 t + 1 waits for it before layer l's attention. So a selection lags the query by one step (the
@@ -37,6 +39,7 @@ import torch
 from slimcompile.runtime.block_copy import copy_blocks
 from slimcompile.schedule import num_blocks
 from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
+from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
 
 class HostBufferPool:
@@ -130,6 +133,27 @@ class BlockSelector:
         return next_active, changed, overlap
 
 
+def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, n_active: int,
+                     swap_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's selection for one layer: (next_active [b, A], changed [b, A] bool).
+
+    Scores, top-A and the swap plan: ~30 small kernels eagerly, the work the side stream does
+    before its copies; compiled (`CompiledRegion`) it is a few fused ones."""
+    selector = BlockSelector(n_active, swap_threshold)
+    nxt, changed, _ = selector.plan(active, selector.select(selector.scores(q, summaries)))
+    return nxt, changed
+
+
+_PLAN_REGIONS: dict[bool, CompiledRegion] = {}
+
+
+def _plan_region(device: torch.device) -> CompiledRegion:
+    compiled = compile_regions(device)
+    if compiled not in _PLAN_REGIONS:
+        _PLAN_REGIONS[compiled] = CompiledRegion(plan_next_active, compiled)
+    return _PLAN_REGIONS[compiled]
+
+
 class OffloadedLayerKV(DecodeLayerKV):
     """One layer's KV with its prompt blocks in host memory and an active set on the device.
 
@@ -183,6 +207,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         else:  # "mean": [b, h, n, d]
             self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
         self.selector = BlockSelector(A, swap_threshold)
+        self.plan = _plan_region(dev)
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
         self.primed = False
         self.stream = _side_stream(dev) if pin else None
@@ -204,11 +229,11 @@ class OffloadedLayerKV(DecodeLayerKV):
 
     # -- selection and copies -------------------------------------------------------------------------
     def _apply(self, q: torch.Tensor, prime: bool) -> None:
-        new = self.selector.select(self.selector.scores(q, self.summaries))
         if prime:
-            nxt, changed = new, torch.ones_like(new, dtype=torch.bool)
+            nxt = self.selector.select(self.selector.scores(q, self.summaries))
+            changed = torch.ones_like(nxt, dtype=torch.bool)
         else:
-            nxt, changed, _ = self.selector.plan(self.active, new)
+            nxt, changed = self.plan(q, self.summaries, self.active, self.n_active, self.selector.swap_threshold)
             self.swaps += changed.any(-1).to(torch.int64)
         row0 = self.sink
         copy_blocks(self.k_buf, self.host_keys, nxt, changed, row0)

@@ -279,38 +279,46 @@ def test_conversion_releases_the_prefill_cache_layer_by_layer():
     assert [layer.prompt_len for layer in cache.layers] == [20, 21, 22]
 
 
-def test_compiled_decode_regions_match_eager_and_compile_once(monkeypatch):
-    """SLIM_DECODE_COMPILE=1 (the CUDA default): the Inductor-compiled per-layer regions give the
-    eager step's logits, and one compiled graph per region serves every layer."""
+@pytest.mark.parametrize("kv", ["resident", "offload"])
+def test_compiled_decode_regions_match_eager_and_compile_once(monkeypatch, kv):
+    """SLIM_DECODE_COMPILE=1 (the CUDA default): the Inductor-compiled per-layer regions (and
+    offload's selection) give the eager step's logits, and one graph per region serves every layer."""
+    from slimcompile.runtime import offload
+
     torch._dynamo.reset()
-    x = ids(60)
+    x = ids(300)
+    budget = 2048 if kv == "resident" else 16  # offload: a small active set, so blocks swap
     monkeypatch.setenv("SLIM_DECODE_COMPILE", "0")
-    _, _, eager = _generate("resident", 2048, x, new=3)
+    _, _, eager = _generate(kv, budget, x, new=5)
     monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _, _, compiled = _generate("resident", 2048, x, new=3)
+    _, _, compiled = _generate(kv, budget, x, new=5)
     dec = compiled.past_key_values.decoder
     assert dec.pre.compiled is not None and dec.post.compiled is not None  # no fallback to eager
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= 3  # prefill + one per region
+    regions = 2 if kv == "resident" else 3
+    if kv == "offload":
+        assert offload._PLAN_REGIONS[True].compiled is not None
+        assert sum(int(l.swaps.sum()) for l in compiled.past_key_values.layers if not l.all_resident) > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= 1 + regions  # prefill + regions
     assert torch.equal(compiled.sequences, eager.sequences)
     for a, b in zip(compiled.logits[1:], eager.logits[1:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_decode_region_falls_back_to_eager_with_a_warning(monkeypatch):
-    from slimcompile.runtime import decode
+    from slimcompile.runtime import regions
 
     def broken(*args, **kwargs):
         raise RuntimeError("no backend for this")
 
-    region = decode._Region(lambda a: a + 1, compiled=False)
+    region = regions.CompiledRegion(lambda a: a + 1, compiled=False)
     region.compiled = broken
     with pytest.warns(UserWarning, match="decode step runs eagerly.*RuntimeError: no backend for this"):
         assert region(torch.ones(1)).item() == 2
     assert region.compiled is None
     monkeypatch.setenv("SLIM_DECODE_COMPILE", "yes")
     with pytest.raises(ValueError, match="SLIM_DECODE_COMPILE must be auto, 0 or 1"):
-        decode.compile_regions(torch.device("cpu"))
+        regions.compile_regions(torch.device("cpu"))
 
 
 def test_a_finished_generation_releases_its_cache_without_a_gc_pass():
