@@ -44,6 +44,9 @@ def decode_attention_impl(device: torch.device) -> str:
         raise ValueError(f"{ENV_ATTN} must be one of {', '.join(ATTN_IMPLS)}, got {v!r}")
     if v == "auto":
         return "triton" if device.type == "cuda" and decode_attention.HAS_TRITON else "sdpa"
+    if v == "triton" and (device.type != "cuda" or not decode_attention.HAS_TRITON):
+        raise ValueError(f"{ENV_ATTN}=triton needs triton and a CUDA device (this model is on {device.type}); "
+                         "use auto, sdpa or matmul")
     return v
 
 

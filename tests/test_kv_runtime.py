@@ -174,6 +174,9 @@ def test_decode_attention_impl_rejects_unknown_values(monkeypatch):
         decode_attention_impl(torch.device("cpu"))
     monkeypatch.setenv("SLIM_DECODE_ATTN", "auto")
     assert decode_attention_impl(torch.device("cpu")) == "sdpa"  # the Triton kernel is for CUDA
+    monkeypatch.setenv("SLIM_DECODE_ATTN", "triton")
+    with pytest.raises(ValueError, match="SLIM_DECODE_ATTN=triton needs triton and a CUDA device"):
+        decode_attention_impl(torch.device("cpu"))
 
 
 def test_kv_dynamic_keeps_the_compiled_decode_path():
