@@ -12,8 +12,8 @@ regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared
 fused elementwise work instead of ~40 small kernels per layer. The attention and the KV
 hooks (offload's side-stream copies) stay outside them.
 
-With static shapes and no host synchronisation the whole step (32 layers, a few hundred
-kernels) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
+With static shapes and no host synchronisation the whole step (32 layers, ~790 kernels on the
+LLaMA-8B shape) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
 not by Python and kernel launches. A graph is re-recorded only when a buffer grows. The first
 step runs eagerly (offload chooses its first active set there).
 """

@@ -4,8 +4,9 @@ After a pruned prefill each layer holds its own number of prompt tokens. A layer
     [ sink | kept prompt blocks of block_size | tail (window + remainder) | generated tokens ]
 in one buffer [b, Hkv, capacity, d] with spare room for generated tokens, so a decode step
 writes its token in place at a device-side index (no torch.cat, static shapes: a CUDA graph can
-replay the step) and attends over the whole buffer with a validity mask. The buffer grows by
-`grow_by` tokens when full (a rare host-side event that re-records the decode graph).
+replay the step) and attends over the buffer's valid prefix, whose length is a device tensor.
+The buffer grows by `grow_by` tokens when full (a rare host-side event that re-records the
+decode graph).
 
 `SlimKVCache` is a transformers `Cache`, so `model.generate` carries it between steps; the
 decode itself runs in `slimcompile.runtime.decode`. `kv="offload"` layers live in
