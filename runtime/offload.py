@@ -133,6 +133,19 @@ class BlockSelector:
         return next_active, changed, overlap
 
 
+ENV_SELECT = "SLIM_OFFLOAD_SELECT"
+
+
+def select_mode() -> str:
+    """SLIM_OFFLOAD_SELECT: "lagged" (default: step t's query picks step t+1's blocks, copied on a
+    side stream during the rest of step t) or "current" (an accuracy diagnostic: each step picks
+    its own blocks before attention and copies them on the main stream)."""
+    v = os.environ.get(ENV_SELECT, "lagged").strip().lower() or "lagged"
+    if v not in ("lagged", "current"):
+        raise ValueError(f"{ENV_SELECT} must be lagged or current, got {v!r}")
+    return v
+
+
 def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, n_active: int,
                      swap_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's selection for one layer: (next_active [b, A], changed [b, A] bool).
@@ -208,6 +221,7 @@ class OffloadedLayerKV(DecodeLayerKV):
             self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
         self.selector = BlockSelector(A, swap_threshold)
         self.plan = _plan_region(dev)
+        self.select_mode = select_mode()
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
         self.primed = False
         self.stream = _side_stream(dev) if pin else None
@@ -243,10 +257,15 @@ class OffloadedLayerKV(DecodeLayerKV):
 
     def before_attention(self, q: torch.Tensor) -> None:
         """First step: choose and load the active set from this query. Later steps find it loaded:
-        the previous step ended with `join`, which waited for its prefetches."""
-        if self.all_resident or self.primed:
+        the previous step ended with `join`, which waited for its prefetches. (With
+        SLIM_OFFLOAD_SELECT=current every step selects from its own query here, copying on the
+        main stream: no lag, no overlap.)"""
+        if self.all_resident:
             return
-        self._apply(q, prime=True)
+        if not self.primed:
+            self._apply(q, prime=True)
+        elif self.select_mode == "current":
+            self._apply(q, prime=False)
 
     def after_attention(self, q: torch.Tensor) -> None:
         """Choose next step's active set from this query; copy what changed (side stream on CUDA)."""
@@ -254,6 +273,8 @@ class OffloadedLayerKV(DecodeLayerKV):
             return
         if not self.primed:  # the first step's set was chosen from this very query
             self.primed = True
+            return
+        if self.select_mode == "current":
             return
         if self.stream is None:
             self._apply(q, prime=False)

@@ -65,6 +65,27 @@ def _offloaded(budget, L=70, seed=0):
     return k, v, OffloadedLayerKV(k, v, reserve=4, sink=2, window=4, block_size=4, decode_budget=budget, swap_threshold=0.9)
 
 
+@pytest.mark.parametrize("mode", ["lagged", "current"])
+def test_offload_selects_with_the_previous_or_the_current_query(monkeypatch, mode):
+    """Default: step t's query chooses the blocks step t+1 attends over. SLIM_OFFLOAD_SELECT=current:
+    each step's own query chooses its blocks, before its attention."""
+    monkeypatch.setenv("SLIM_OFFLOAD_SELECT", mode)
+    k, v, layer = _offloaded(budget=8, L=130)
+    layer.selector.swap_threshold = 1.01  # always swap: the set is exactly the top blocks
+    g = torch.Generator().manual_seed(5)
+    qs = [torch.randn(1, 4, 1, 8, generator=g) for _ in range(3)]
+    top = [set(layer.selector.select(layer.selector.scores(q, layer.summaries))[0].tolist()) for q in qs]
+    assert top[0] != top[1] and top[1] != top[2]
+    chosen_by = []
+    for q in qs:
+        layer.before_attention(q)
+        active = set(layer.active[0].tolist())
+        chosen_by.append(next(i for i, t in enumerate(top) if t == active))
+        layer.after_attention(q)
+        layer.join()
+    assert chosen_by == ([0, 0, 1] if mode == "lagged" else [0, 1, 2])
+
+
 def test_offload_round_trip_is_bit_exact():
     k, v, layer = _offloaded(budget=8)
     n = layer.n_blocks
