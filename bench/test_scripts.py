@@ -38,3 +38,13 @@ def test_ttft_script_runs(tmp_path):
     ttft.main(TINY + ["--lengths", "600", "--reps", "1", "--out", str(tmp_path), "--variants", "eager"])
     (row,) = _rows(tmp_path / "ttft.jsonl")
     assert row["variant"] == "eager" and row["length"] == 600 and row["ms"] > 0
+
+
+@pytest.mark.slow
+def test_offload_churn_script_reports_swaps(capsys):
+    import offload_churn
+
+    offload_churn.main(["--length", "400", "--budget", "64", "--new", "4", "--samples", "1", "--device", "cpu"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["layer_steps"] > 0  # some layers hold more blocks than the budget
+    assert 0.0 <= row["swap_fraction"] <= 1.0 and 0.0 <= row["copied_fraction_of_active"] <= 1.0
