@@ -26,17 +26,11 @@ import functools
 
 import torch
 
-try:  # triton is optional: without it the torch paths are the only ones
+from slimcompile.runtime.triton_scoring import HAS_TRITON, INTERPRETED, LOG2E, next_pow2
+
+if HAS_TRITON:  # optional: without it the torch paths are the only ones
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-LOG2E = 1.4426950408889634
 
 
 def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,19 +122,6 @@ if HAS_TRITON:
         h = bh % H
         tl.store(O + b * sob + h * soh + g * sog + rd, out.to(O.dtype.element_ty), mask=rd < D)
 
-    def _is_interpreted(kernel) -> bool:
-        try:
-            from triton.runtime.interpreter import InterpretedFunction
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(kernel, InterpretedFunction)
-
-    _INTERPRETED = _is_interpreted(_partial_kernel)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -150,7 +131,7 @@ def _sm_count(device_index: int) -> int:
 def split_config(capacity: int, programs: int, device: torch.device, block_n: int = 64) -> tuple[int, int]:
     """(CHUNK, n_split): chunks of a power-of-two number of rows, about 4 programs per SM in all."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
-    chunk = _next_pow2(max(1, -(-capacity * programs // (4 * sms))))
+    chunk = next_pow2(max(1, -(-capacity * programs // (4 * sms))))
     chunk = min(max(chunk, block_n), 8192)
     return chunk, -(-capacity // chunk)
 
@@ -174,8 +155,8 @@ def triton_decode_attention(
         n_split = -(-capacity // chunk)
     if chunk % block_n:
         raise ValueError(f"chunk {chunk} must be a multiple of block_n {block_n}")
-    dot_f32 = q.dtype == torch.float32 or (_INTERPRETED and q.dtype == torch.bfloat16)
-    block_g, block_d = max(16, _next_pow2(g)), max(16, _next_pow2(d))
+    dot_f32 = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
+    block_g, block_d = max(16, next_pow2(g)), max(16, next_pow2(d))
     f32 = dict(device=q.device, dtype=torch.float32)
     po = torch.empty(b * hkv * n_split * g * d, **f32)
     pm = torch.empty(b * hkv * n_split * g, **f32)
@@ -189,6 +170,6 @@ def triton_decode_attention(
     out = torch.empty(b, hkv, g, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(g, b * hkv)](
         po, pm, pl, out, hkv, out.stride(0), out.stride(1), out.stride(2),
-        G=g, D=d, BLOCK_D=block_d, N_SPLIT=n_split, BLOCK_S=min(16, _next_pow2(n_split)), num_warps=4,
+        G=g, D=d, BLOCK_D=block_d, N_SPLIT=n_split, BLOCK_S=min(16, next_pow2(n_split)), num_warps=4,
     )
     return out

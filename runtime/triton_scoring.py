@@ -57,6 +57,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
+# True when the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1 before import).
+INTERPRETED = False
+
 ENV_IMPL = "SLIM_SCORING_IMPL"
 LOG2E = 1.4426950408889634
 
@@ -80,7 +83,7 @@ def use_triton(q: torch.Tensor) -> bool:
     return HAS_TRITON and q.is_cuda and impl_choice() != "torch"
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -90,11 +93,11 @@ def default_config(d: int, rows: int, block_size: int, elem_size: int) -> dict[s
     Chosen for an H100/H200 class GPU at d in {64, 128}, w in {16, 32, 64}; every block dim
     is >= 16 (tl.dot's minimum). Tests override them with tiny tiles.
     """
-    block_d = max(16, _next_pow2(d))
-    block_m = min(128, max(16, _next_pow2(rows)))
+    block_d = max(16, next_pow2(d))
+    block_m = min(128, max(16, next_pow2(rows)))
     if elem_size >= 4 and block_d >= 128:
         block_m = min(block_m, 64)  # fp32 operands: keep the q tile in budget
-    block_t = max(16, _next_pow2(block_size))
+    block_t = max(16, next_pow2(block_size))
     return dict(
         BLOCK_D=block_d,
         BLOCK_M=block_m,  # query rows per dot (both passes)
@@ -285,7 +288,7 @@ if HAS_TRITON:
             return False
         return isinstance(kernel, InterpretedFunction)
 
-    _INTERPRETED = _is_interpreted(_stats_kernel)
+    INTERPRETED = _is_interpreted(_stats_kernel)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,13 +330,13 @@ def attention_token_partials(
     # fp32 operands: exact fp32 dot (not TF32). The interpreter's tl.dot is wrong for bf16 (it
     # multiplies the raw uint16 storage), so there bf16 operands are widened first: bf16 products
     # are exact in fp32, so this matches the GPU's bf16 dot with fp32 accumulation.
-    dot_f32 = q.dtype == torch.float32 or (_INTERPRETED and q.dtype == torch.bfloat16)
+    dot_f32 = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
     qk_scale = float(scale) * LOG2E
     n_split = triton.cdiv(L, split)
     n_rc = triton.cdiv(rows, cfg["BLOCK_M"])
     dev = q.device
 
-    if _INTERPRETED:
+    if INTERPRETED:
         stats_k, combine_k, token_k = _stats_kernel, _combine_kernel, _token_kernel
     else:
         stats_k = wrap_triton(_stats_kernel)
@@ -416,7 +419,7 @@ def pool_token_partials(
         cfg.update(config)
     if cfg["BLOCK_T"] < block_size:
         raise ValueError(f"BLOCK_T {cfg['BLOCK_T']} < block_size {block_size}")
-    pool_k = _pool_kernel if _INTERPRETED else wrap_triton(_pool_kernel)
+    pool_k = _pool_kernel if INTERPRETED else wrap_triton(_pool_kernel)
     out = torch.empty((b, n_blocks), device=tok.device, dtype=torch.float32)
     inv_norm = 1.0 / float(n_rows)
     pool_k[(triton.cdiv(n_blocks, cfg["BLOCK_NB"]), b)](

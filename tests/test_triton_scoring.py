@@ -14,13 +14,14 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import zlib
 
 import pytest
 import torch
+
+import slimtest
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -98,16 +99,7 @@ def _run_case(c: dict) -> dict:
 def interpreter_results() -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("SLIM_SCORING_IMPL", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpret"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
-    return {r["id"]: r for r in json.loads(line[len("RESULTS "):])}
+    return slimtest.interpreter_results(__file__, drop_env=("SLIM_SCORING_IMPL",))
 
 
 @needs_triton
