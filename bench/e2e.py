@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_profile import breakdown  # noqa: E402
 from ttft import add_model_args, build_model  # noqa: E402
 
 VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-sdpa",
@@ -106,20 +107,6 @@ def _overlap_from_trace(path: str) -> dict[str, float]:
             "other_kernel_us": step_us}
 
 
-def _top_kernels(path: str, steps: int, top: int = 8) -> list[list]:
-    """[name, GPU us per step, calls per step] of the kernels with the most total time."""
-    with open(path) as f:
-        events = json.load(f).get("traceEvents", [])
-    total: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "kernel" and "dur" in e:
-            t = total.setdefault(e["name"][:90], [0.0, 0])
-            t[0] += e["dur"]
-            t[1] += 1
-    rows = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
-    return [[name, round(us / steps, 1), round(n / steps, 1)] for name, (us, n) in rows]
-
-
 def profile_decode_steps(name: str, cache, tok, out_dir: str, steps: int = 6) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -132,7 +119,7 @@ def profile_decode_steps(name: str, cache, tok, out_dir: str, steps: int = 6) ->
         torch.cuda.synchronize()
     path = os.path.join(out_dir, f"{name}_decode_trace.json")
     prof.export_chrome_trace(path)
-    stats = {"top_kernels_us_per_step": _top_kernels(path, steps)}
+    stats = breakdown(path, steps)
     if name == "slim-offload":
         stats.update(_overlap_from_trace(path))
         stats["swaps"] = int(sum(int(l.swaps.sum()) for l in cache.layers if not l.all_resident))

@@ -3,7 +3,9 @@
 Random bf16 weights (speed does not depend on values), batch 1, `logits_to_keep=1`. In one
 process it times HF eager SDPA, `torch.compile` default Inductor and slim variants, each
 compiled once (`dynamic=True`) and timed at every prompt length, with CUDA events (median of
-`--reps` after a warm-up). Every measurement is appended to OUT/ttft.jsonl as it is made, so a
+`--reps` after a warm-up). With `--profile-length L` each variant's prefill at length L is also run
+once under torch.profiler, and its kernel time is split into GEMMs, attention, slim scoring,
+selection + gathers and the rest (bench/kernel_profile.py). Every measurement is appended to OUT/ttft.jsonl as it is made, so a
 run cut short still leaves its numbers; a table is printed at the end.
 
     python bench/ttft.py --out /tmp/ttft                      # all variants, 8K..128K
@@ -22,6 +24,9 @@ import time
 from typing import Any, Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_profile import breakdown  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "eager": None,
@@ -118,6 +123,18 @@ def compilations(name: str) -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def profile_call(call: Callable[[], Any], path: str) -> dict:
+    """One profiled call; the kernel-time breakdown of its trace (written to `path`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = call()
+        torch.cuda.synchronize()
+    del out
+    prof.export_chrome_trace(path)
+    return breakdown(path)
+
+
 def run_variant(name: str, model, lengths, args, out_file) -> list[dict]:
     rows = []
     fn = make_fn(name, model)
@@ -161,6 +178,12 @@ def run_variant(name: str, model, lengths, args, out_file) -> list[dict]:
             "ideal": ideal_ratio(VARIANTS[name], length, model),
             "compilations": compilations(name) - before,
         }
+        if length == args.profile_length and args.device == "cuda":
+            try:
+                with torch.no_grad():
+                    row["profile"] = profile_call(call, os.path.join(args.out, f"{name}_{length}_prefill_trace.json"))
+            except Exception as e:  # the timing stands without the profile
+                row["profile"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
         out_file.write(json.dumps(row) + "\n")
@@ -198,12 +221,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """Kernel time (ms) per category of each profiled prefill, and its share of the busy time."""
+    from kernel_profile import CATEGORIES, OTHER
+
+    cats = [c for c, _ in CATEGORIES] + [OTHER]
+    lines = ["| variant | prompt | wall ms | busy ms | " + " | ".join(cats) + " | kernels |",
+             "|---|---|---|---|" + "---|" * len(cats) + "---|"]
+    for r in rows:
+        p = r.get("profile")
+        if not p or "category_us" not in p:
+            continue
+        busy = p["busy_us"]
+        cells = " | ".join(f"{p['category_us'][c] / 1e3:.2f} ({100 * p['category_us'][c] / busy:.1f}%)" for c in cats)
+        lines.append(f"| {r['variant']} | {r['length'] // 1024}K | {p['wall_us'] / 1e3:.1f} | {busy / 1e3:.1f} | {cells} | {p['kernels']:.0f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="8192,32768,65536,131072")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for default Inductor (its S x S mask)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile-length", type=int, default=None, help="also profile one prefill per variant at this length (CUDA)")
     add_model_args(p)
     p.add_argument("--set", action="append", default=[], help="VARIANT:key=json override, e.g. R1:keep_ratio=0.4")
     p.add_argument(
@@ -230,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.variants.split(","):
             rows += run_variant(name, model, args.lengths, args, f)
     text = table(rows)
+    prof = profile_table(rows)
+    if prof:
+        text += "\n\nKernel time per category, one profiled prefill (ms, share of busy time):\n\n" + prof
     print(text)
     with open(os.path.join(args.out, "ttft.md"), "w") as f:
         f.write(text + "\n")
