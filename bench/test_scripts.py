@@ -66,3 +66,26 @@ def test_kernel_profile_splits_time_by_category(tmp_path):
     assert b["category_us"] == {"slim scoring": 10, "selection + gather": 5, "attention": 50, "gemm": 120, "other": 5}
     assert b["kernels"] == 6 and b["kernel_us"] == 190 and b["wall_us"] == 180 and b["busy_us"] == 180
     assert b["top_kernels_us"][0] == ["nvjet_tst_gemm", 120, 2]
+
+
+def test_eval_shard_plan_round_robin():
+    import eval_shards
+
+    plan = eval_shards.shard_plan(["a", "b"], eval_shards.parse_cells("1K:5,2K:2"), shard_size=2)
+    assert plan[:4] == [("a", 1024, 0, 2), ("b", 1024, 0, 2), ("a", 2048, 0, 2), ("b", 2048, 0, 2)]
+    assert sorted((t, L, s, n) for t, L, s, n in plan if L == 1024 and t == "a") == [("a", 1024, 0, 2), ("a", 1024, 2, 2), ("a", 1024, 4, 1)]
+    with pytest.raises(ValueError, match="sample count"):
+        eval_shards.parse_cells("1K")
+
+
+@pytest.mark.slow
+def test_eval_shards_merge_into_one_cell(tmp_path):
+    import eval_shards
+
+    rc = eval_shards.main(["--tasks", "passkey", "--lengths", "300:2", "--shard-size", "1", "--procs", "2", "--out", str(tmp_path),
+                           "--", "--model", "tiny-llama", "--device", "cpu", "--set", "min_prune_len=128", "--set", "window=16",
+                           "--set", "sink=16", "--set", "block_size=16", "--schedule", '{"prune_layers":[1],"keep_ratio":0.5}'])
+    assert rc == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert {c["n"] for c in merged["cells"]} == {2} and len(merged["cells"]) == 2
+    assert sorted({s["seed"] for s in merged["samples"]}) == [0, 1]

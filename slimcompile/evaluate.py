@@ -394,6 +394,66 @@ def cost_fractions(variant: Variant, length: int, dims) -> tuple[float, float]:
     return c.flop_fraction, c.kv_fraction
 
 
+def cell_stats(task: str, length: int, variant: str, kind: str, scores: Sequence[float], full: Sequence[float],
+               flop: float, kv: float, mean_tokens: float, options=None, drop_layer=None) -> dict[str, Any]:
+    """One (task, length, variant) cell: accuracy, error bars and paired counts against `full` (same prompts, same order)."""
+    n = len(scores)
+    acc = sum(scores) / n if n else float("nan")
+    lo, hi = wilson(sum(1 for x in scores if x >= 1.0), n)
+    return dict(
+        task=task, length=length, variant=variant, kind=kind, n=n, accuracy=acc,
+        ci95=binomial_halfwidth(acc, n), wilson_lo=lo, wilson_hi=hi,
+        full_right_variant_wrong=sum(1 for a, b in zip(full, scores) if a > b),
+        variant_right_full_wrong=sum(1 for a, b in zip(full, scores) if b > a),
+        flop_fraction=flop, kv_fraction=kv, mean_prompt_tokens=mean_tokens, options=options, drop_layer=drop_layer,
+    )
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from eval runs over disjoint prompts (shards of seeds, tasks or lengths) of the same variants.
+
+    Cells are recomputed from the per-prompt rows, so a cell split over several shards gets one
+    accuracy, error bar and paired count over all of its prompts.
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    spec = lambda r: [(v["name"], v["kind"], json.dumps(v.get("options"), sort_keys=True), v.get("drop_layer"))  # noqa: E731
+                      for v in r.get("config", {}).get("variants", [])]
+    first = spec(results[0])
+    for r in results[1:]:
+        if spec(r) != first:
+            raise ValueError("cannot merge eval results of different variants: "
+                             f"{[v[0] for v in first]} vs {[v[0] for v in spec(r)]}")
+    variants = {v["name"]: v for v in results[0]["config"]["variants"]}
+    costs = {(c["length"], c["variant"]): (c["flop_fraction"], c["kv_fraction"]) for r in results for c in r["cells"]}
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        for s in r["samples"]:
+            key = (s["task"], s["length"], s["seed"], s["variant"])
+            if key in rows:
+                raise ValueError(f"prompt {key[:3]} (task, length, seed) appears in more than one file; shards must not overlap")
+            rows[key] = s
+    samples = sorted(rows.values(), key=lambda s: (s["length"], s["task"], s["seed"]))
+    cells = []
+    for length, task in dict.fromkeys((s["length"], s["task"]) for s in samples):
+        by_v = {name: [s for s in samples if (s["length"], s["task"], s["variant"]) == (length, task, name)] for name in variants}
+        seeds = [s["seed"] for s in by_v["full"]]
+        mean_tokens = sum(s["n_tokens"] for s in by_v["full"]) / max(1, len(seeds))
+        full = [s["score"] for s in by_v["full"]]
+        for name, v in variants.items():
+            if [s["seed"] for s in by_v[name]] != seeds:
+                raise ValueError(f"{name} was not run on the same prompts as full for {task} @ {length}")
+            flop, kv = costs[(length, name)]
+            cells.append(cell_stats(task, length, name, v["kind"], [s["score"] for s in by_v[name]], full, flop, kv,
+                                    mean_tokens, v.get("options"), v.get("drop_layer")))
+    configs = [r["config"] for r in results]
+    config = dict(configs[0], tasks=list(dict.fromkeys(t for c in configs for t in c["tasks"])),
+                  lengths=sorted({L for c in configs for L in c["lengths"]}),
+                  samples=max(c["n"] for c in cells), seconds=round(sum(c.get("seconds") or 0 for c in configs), 1),
+                  merged_from=len(results), seed=None, command=None)
+    return {"cells": cells, "samples": samples, "config": config}
+
+
 def evaluate(
     model,
     tokenizer,
@@ -447,25 +507,11 @@ def evaluate(
                             dict(task=task, length=length, n_tokens=s.n_tokens, seed=s.seed, depth=round(s.depth, 4),
                                  variant=v.name, answer=s.answers, output=text, score=sc)
                         )
-                full = scores["full"]
+                mean_tokens = sum(s.n_tokens for s in samples) / max(1, len(samples))
                 for v in variants:
-                    sc = scores[v.name]
-                    n = len(sc)
-                    acc = sum(sc) / n if n else float("nan")
-                    k = sum(1 for x in sc if x >= 1.0)
-                    lo, hi = wilson(k, n)
                     flop, kv = cost_fractions(v, length, dims)
-                    cells.append(
-                        dict(
-                            task=task, length=length, variant=v.name, kind=v.kind, n=n, accuracy=acc,
-                            ci95=binomial_halfwidth(acc, n), wilson_lo=lo, wilson_hi=hi,
-                            full_right_variant_wrong=sum(1 for a, b in zip(full, sc) if a > b),
-                            variant_right_full_wrong=sum(1 for a, b in zip(full, sc) if b > a),
-                            flop_fraction=flop, kv_fraction=kv,
-                            mean_prompt_tokens=sum(s.n_tokens for s in samples) / max(1, len(samples)),
-                            options=v.options, drop_layer=v.drop_layer,
-                        )
-                    )
+                    cells.append(cell_stats(task, length, v.name, v.kind, scores[v.name], scores["full"], flop, kv,
+                                            mean_tokens, v.options, v.drop_layer))
                 if log:
                     accs = "  ".join(f"{v.name}={sum(scores[v.name]) / max(1, len(samples)):.2f}" for v in variants)
                     log(f"\\[{task} @ {length}] n={len(samples)} {time.perf_counter() - t0:.0f}s  {accs}")
@@ -557,6 +603,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write results as JSON and the table as FILE.csv")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--merge", nargs="+", metavar="FILE.json", help="run nothing: merge the JSON files of eval runs over disjoint prompts "
+                   "(e.g. parallel shards by --seed, task or length) of the same variants, recompute every cell, print it and write --out")
 
 
 def _validate(args) -> None:
@@ -577,6 +625,25 @@ def _validate(args) -> None:
         args.engine = "reference"
 
 
+def run_merge(args, console) -> int:
+    results = []
+    for path in args.merge:
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--merge: cannot read eval results from {path}: {e}") from None
+        if not isinstance(results[-1], dict) or "samples" not in results[-1] or "config" not in results[-1]:
+            raise ValueError(f"--merge: {path} is not the JSON file of a finished `slimcompile eval --out` run")
+    result = merge_results(results)
+    render_table(result, console)
+    console.print(precision_note(result["config"]["samples"]), highlight=False)
+    if args.out:
+        j, c = write_outputs(result, args.out)
+        console.print(f"wrote {j} and {c}", highlight=False)
+    return 0
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -584,6 +651,8 @@ def run(args) -> int:
 
     console = Console(stderr=False)
     err = Console(stderr=True)
+    if args.merge:
+        return run_merge(args, console)
     _validate(args)
     device = args.device or default_device()
     with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else contextlib.nullcontext():
@@ -596,18 +665,20 @@ def run(args) -> int:
     if too_long:
         err.print(f"[yellow]warning: lengths {too_long} exceed the model's context ({ctx})[/]")
     log = None if args.quiet else (lambda m: err.print(m, highlight=False))
-    t0 = time.perf_counter()
-    checkpoint = (lambda partial: write_outputs(partial, args.out)) if args.out else None
-    result = evaluate(model, tokenizer, args.task_list, args.length_list, args.samples, variants,
-                      engine=args.engine, inductor=args.inductor, seed=args.seed, log=log, checkpoint=checkpoint)
-    elapsed = time.perf_counter() - t0
-    result["config"] = dict(
+    config = dict(
         model=args.model, tasks=args.task_list, lengths=args.length_list, samples=args.samples,
         engine=args.engine, inductor=args.inductor, device=device, dtype=args.dtype, seed=args.seed,
         variants=[dict(name=v.name, kind=v.kind, options=v.options, drop_layer=v.drop_layer) for v in variants],
-        seconds=round(elapsed, 1), precision_note=precision_note(args.samples),
+        seconds=None, precision_note=precision_note(args.samples),
         command="slimcompile eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
     )
+    t0 = time.perf_counter()
+    # A partial file holds every finished cell and the config, so a cut-short shard can still be merged.
+    checkpoint = (lambda partial: write_outputs({**partial, "config": config}, args.out)) if args.out else None
+    result = evaluate(model, tokenizer, args.task_list, args.length_list, args.samples, variants,
+                      engine=args.engine, inductor=args.inductor, seed=args.seed, log=log, checkpoint=checkpoint)
+    elapsed = time.perf_counter() - t0
+    result["config"] = dict(config, seconds=round(elapsed, 1))
     render_table(result, console)
     console.print(precision_note(args.samples), highlight=False)
     console.print(f"engine={args.engine}{' (inductor)' if args.inductor else ''}  device={device}  {elapsed:.0f}s", highlight=False)

@@ -50,6 +50,31 @@ def test_eval_end_to_end(tmp_path, capsys):
     assert len(rows) == len(res["cells"]) and "accuracy" in rows[0]
 
 
+def test_eval_merge_of_seed_shards_equals_one_run(tmp_path, capsys):
+    common = ["eval", *TINY, "--engine", "reference", "--tasks", "passkey", "--lengths", "300", *SHORT,
+              "--schedule", '{"prune_layers":[1],"keep_ratio":0.3}', "--quiet"]
+    assert main([*common, "--samples", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--samples", "1", "--seed", "2", "--out", str(tmp_path / "b.json")]) == 0
+    assert main(["eval", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    shards = [json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json")]
+    for c in merged["cells"]:
+        parts = [x for r in shards for x in r["cells"] if x["variant"] == c["variant"]]
+        assert c["n"] == 3 == sum(x["n"] for x in parts)
+        assert c["accuracy"] == pytest.approx(sum(x["accuracy"] * x["n"] for x in parts) / 3)
+        assert c["full_right_variant_wrong"] == sum(x["full_right_variant_wrong"] for x in parts)
+        assert c["flop_fraction"] == parts[0]["flop_fraction"]
+    assert sorted(s["seed"] for s in merged["samples"] if s["variant"] == "full") == [0, 1, 2]
+    capsys.readouterr()
+    assert main(["eval", "--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 2
+    assert "more than one file" in capsys.readouterr().err
+    other = json.loads((tmp_path / "b.json").read_text())
+    other["config"]["variants"][1]["options"] = {"prune_layers": [1], "keep_ratio": 0.9}
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    assert main(["eval", "--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+    assert "different variants" in capsys.readouterr().err
+
+
 def test_eval_force_drop(tmp_path):
     out = tmp_path / "drop.json"
     rc = main(["eval", *TINY, "--tasks", "needle", "--lengths", "300", "--samples", "1", "--no-slim",
