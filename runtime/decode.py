@@ -10,7 +10,9 @@ length is a device tensor. Grouped-query attention needs no
 Around attention, each layer's norms, projections, RoPE and MLP run as two Inductor-compiled
 regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared by all layers:
 fused elementwise work instead of ~40 small kernels per layer. The attention and the KV
-hooks (offload's side-stream copies) stay outside them.
+hooks (offload's side-stream copies) stay outside them. Where `slimcompile.compile` fused a
+layer's q/k/v and gate/up weights (runtime/fused_weights.py, `SLIM_DECODE_FUSE`), the regions
+run one GEMM for q/k/v and one for gate/up.
 
 With static shapes and no host synchronisation the whole step (32 layers, ~790 kernels on the
 LLaMA-8B shape) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from slimcompile.runtime import decode_attention
+from slimcompile.runtime.fused_weights import fused_of
 from slimcompile.runtime.kv_cache import SlimKVCache
 from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
@@ -94,6 +97,23 @@ def attention_output_and_mlp(layer: torch.nn.Module, h: torch.Tensor, o: torch.T
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def fused_attention_inputs(layer: torch.nn.Module, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, sizes: tuple[int, int, int],
+                           h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`attention_inputs` with q, k and v from one GEMM over the layer's fused weight (runtime/fused_weights.py)."""
+    b, hd = h.shape[0], layer.self_attn.head_dim
+    q, k, v = F.linear(layer.input_layernorm(h), qkv_w, qkv_b).split(sizes, dim=-1)
+    q, k, v = (t.view(b, 1, -1, hd).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def fused_attention_output_and_mlp(layer: torch.nn.Module, gate_up_w: torch.Tensor, inter: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """`attention_output_and_mlp` with gate and up from one GEMM over the layer's fused weight."""
+    h = h + layer.self_attn.o_proj(o)
+    gate, up = F.linear(layer.post_attention_layernorm(h), gate_up_w).split([inter, inter], dim=-1)
+    return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
 class StaticDecoder:
     """Runs decode steps of `model` against `cache`; CUDA-graph replay when `use_graph`."""
 
@@ -114,6 +134,10 @@ class StaticDecoder:
         regions = compile_regions(dev)
         self.pre = CompiledRegion(attention_inputs, regions)
         self.post = CompiledRegion(attention_output_and_mlp, regions)
+        self.fused_pre = CompiledRegion(fused_attention_inputs, regions)
+        self.fused_post = CompiledRegion(fused_attention_output_and_mlp, regions)
+        # Views of each layer's fused q/k/v and gate/up weights, where `slimcompile.compile` fused them.
+        self.fused = [fused_of(layer) for layer in model.model.layers]
 
     @property
     def cache(self) -> SlimKVCache:
@@ -130,13 +154,17 @@ class StaticDecoder:
         cos, sin = inner.rotary_emb(h, pos)
         for li, layer in enumerate(inner.layers):
             kv = self.cache.layers[li]
-            q, k, v = self.pre(layer, h, cos, sin)
+            fw = self.fused[li]
+            if fw is None:
+                q, k, v = self.pre(layer, h, cos, sin)
+            else:
+                q, k, v = self.fused_pre(layer, fw.qkv, fw.qkv_bias, fw.qkv_sizes, h, cos, sin)
             row = self.bases[li : li + 1] + self.step_no
             kv.before_attention(q)
             kv.write(k, v, row)
             o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, layer.self_attn.scaling)
             kv.after_attention(q)
-            h = self.post(layer, h, o)
+            h = self.post(layer, h, o) if fw is None else self.fused_post(layer, fw.gate_up, fw.inter, h, o)
         for kv in self.cache.layers:
             kv.join()
         return self.model.lm_head(inner.norm(h))

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
 from slimcompile.runtime.decode import StaticDecoder
+from slimcompile.runtime.fused_weights import fuse_enabled, fuse_model
 from slimcompile.runtime.kv_cache import SlimKVCache, drain
 
 
@@ -85,12 +86,17 @@ def compile(
     """Compile `model` with the slim backend in place and return it.
 
     Options are validated now against the model (unknown keys, bad values, layer indices
-    beyond its depth raise `ValueError` here, not at the first call). `backend` may be a
+    beyond its depth raise `ValueError` here, not at the first call). With `kv` "resident" or
+    "offload" on CUDA (`SLIM_DECODE_FUSE`), each layer's q/k/v and gate/up weights are first
+    moved, in place, into one matrix per group (same values; runtime/fused_weights.py). `backend` may be a
     `functools.partial(slim_backend, lower=False)` to skip Inductor (tests).
     """
     opts = parse_options(options, **kwargs)
     if opts.pruning:
         opts.resolve(model.config.num_hidden_layers)
+    if opts.kv != "dynamic" and fuse_enabled(next(model.parameters()).device):
+        # Before tracing, so the compiled prefill is built on the fused layout it will keep.
+        fuse_model(model)
     if hasattr(model, "slim"):
         model.forward = model.slim.original_forward
     original = model.forward

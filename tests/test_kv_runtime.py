@@ -362,3 +362,72 @@ def test_a_finished_generation_releases_its_cache_without_a_gc_pass():
         assert cache() is None and layer() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fusing_projections_keeps_the_model_and_shares_storage(arch):
+    from slimcompile.runtime.fused_weights import fuse_layer, fuse_model, fused_of
+
+    model = tiny(arch, 2, seed=5)
+    x = ids(40)
+    with torch.no_grad():
+        before = model(x).logits
+    layer = model.model.layers[0]
+    assert fused_of(layer) is None  # separate parameters
+    assert fuse_model(model) == 4 and fuse_layer(layer)  # idempotent
+    fw = fused_of(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    assert fw.qkv_sizes == (64, 32, 32) and fw.inter == 128
+    assert fw.qkv.data_ptr() == attn.q_proj.weight.data_ptr() and torch.equal(fw.qkv[96:], attn.v_proj.weight)
+    assert torch.equal(fw.gate_up[128:], mlp.up_proj.weight)
+    assert (fw.qkv_bias is None) == (arch == "llama")
+    if arch == "qwen2":
+        assert torch.equal(fw.qkv_bias[64:96], attn.k_proj.bias)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+    model.to(torch.float64)  # every parameter gets its own storage again: no stale fused view
+    assert fused_of(layer) is None
+    mlp.gate_proj = torch.nn.Identity()
+    assert not fuse_layer(layer)
+
+
+@pytest.mark.parametrize("kv", ["resident", "offload"])
+def test_fused_decode_gives_the_unfused_tokens(monkeypatch, kv):
+    """SLIM_DECODE_FUSE=1 (the CUDA default): one GEMM for q/k/v and one for gate/up, same tokens."""
+    torch._dynamo.reset()
+    x = ids(300)
+    budget = 2048 if kv == "resident" else 16
+    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
+    monkeypatch.setenv("SLIM_DECODE_FUSE", "0")
+    _, _, plain = _generate(kv, budget, x, new=6)
+    assert all(f is None for f in plain.past_key_values.decoder.fused)
+    monkeypatch.setenv("SLIM_DECODE_FUSE", "1")
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _, _, fused = _generate(kv, budget, x, new=6)
+    dec = fused.past_key_values.decoder
+    assert all(f is not None for f in dec.fused) and dec.fused_pre.compiled is not None and dec.fused_post.compiled is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= 1 + (2 if kv == "resident" else 3)
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("SLIM_DECODE_FUSE", "on")
+    with pytest.raises(ValueError, match="SLIM_DECODE_FUSE must be auto, 0 or 1"):
+        _generate(kv, budget, x, new=2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_fused_decode_through_inductor_matches_unfused(monkeypatch):
+    """The CUDA default path: Inductor prefill over fused parameter views, fused decode regions, CUDA graphs."""
+    x = ids(300).cuda()
+    outs = {}
+    for fuse in ("0", "1"):
+        torch._dynamo.reset()
+        monkeypatch.setenv("SLIM_DECODE_FUSE", fuse)
+        model = tiny("llama", 2, seed=3).cuda()
+        slimcompile.compile(model, **{**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
+        outs[fuse] = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                    return_dict_in_generate=True, output_logits=True)
+        assert all((f is not None) == (fuse == "1") for f in outs[fuse].past_key_values.decoder.fused)
+    assert torch.equal(outs["0"].sequences, outs["1"].sequences)
+    for a, b in zip(outs["0"].logits, outs["1"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
