@@ -8,6 +8,7 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   slim-offload        the same with kv="offload"
   slim-resident-sdpa    slim-resident with SLIM_DECODE_ATTN=sdpa (one masked SDPA call per layer)
   slim-resident-matmul  slim-resident with SLIM_DECODE_ATTN=matmul (decode attention as matmuls)
+  slim-resident-nofuse  slim-resident with SLIM_DECODE_FUSE=0 (separate q/k/v and gate/up GEMMs)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
 and for slim the prompt KV kept on the GPU. For each slim variant it also profiles a few decode steps
@@ -35,7 +36,7 @@ from kernel_profile import breakdown  # noqa: E402
 from ttft import add_model_args, build_model  # noqa: E402
 
 VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-sdpa",
-            "slim-resident-matmul"]
+            "slim-resident-matmul", "slim-resident-nofuse"]
 ATTN_SUFFIXES = ("sdpa", "matmul", "triton")  # slim-resident-<impl>: SLIM_DECODE_ATTN=<impl>
 
 
@@ -131,6 +132,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
     import slimcompile
 
     from slimcompile.runtime.decode import ENV_ATTN
+    from slimcompile.runtime.fused_weights import ENV_FUSE
 
     if name.startswith("slim"):
         opts = {"kv": "offload" if name == "slim-offload" else "resident"}
@@ -139,6 +141,8 @@ def run_variant(name: str, model, lengths, args, f) -> None:
     impl = name.rsplit("-", 1)[-1]
     if name.startswith("slim-resident-") and impl in ATTN_SUFFIXES:  # another decode attention
         os.environ[ENV_ATTN] = impl
+    if name == "slim-resident-nofuse":
+        os.environ[ENV_FUSE] = "0"
     try:
         for i, L in enumerate(lengths):
             new = args.offload_new if name == "hf-offload" else args.new
@@ -175,6 +179,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
         f.flush()
     finally:
         os.environ.pop(ENV_ATTN, None)
+        os.environ.pop(ENV_FUSE, None)
         if hasattr(model, "slim"):
             model.forward = model.slim.original_forward
             del model.slim

@@ -5,6 +5,9 @@
 #   GPU_TESTS=1        run the CUDA-only tests (pytest -k cuda) of the kernels and the KV runtime
 #   PROBE=1            run bench/recompile_probe.py (which guard recompiles per prompt length) once per
 #                      mode in PROBE_MODES (flatten: default passes; noflatten: SLIM_FLATTEN_LINEAR=0)
+#   PROFILE_LENGTH=L   ttft.py also profiles one prefill per variant at length L (kernel time by category)
+#   WARM="<variants>"  then time those variants again in a second process at the first length: with the
+#                      Inductor cache the first process filled, its "first call s" is the warm-cache compile
 #   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768)
 # An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
@@ -30,8 +33,15 @@ if [ "${PROBE:-0}" = 1 ]; then
   done
 fi
 if [ -n "${1:-}" ]; then
-  python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" 2>&1 | grep -v -i warn | tee "$OUT/ttft.log"
+  python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" ${PROFILE_LENGTH:+--profile-length $PROFILE_LENGTH} 2>&1 \
+    | grep -v -i warn | tee "$OUT/ttft.log"
+  if [ -n "${WARM:-}" ]; then
+    mkdir -p "$OUT/warm"
+    python3 bench/ttft.py --out "$OUT/warm" --variants "$WARM" --lengths "${2%%,*}" --reps 1 2>&1 | grep -v -i warn | tee "$OUT/warm/ttft.log"
+  fi
+  gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi
 if [ -n "${E2E:-}" ]; then
   python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
+  gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from slimcompile.runtime import decode_attention
-from slimcompile.runtime.fused_weights import fused_of
+from slimcompile.runtime.fused_weights import fuse_enabled, fused_of
 from slimcompile.runtime.kv_cache import SlimKVCache
 from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
@@ -137,7 +137,7 @@ class StaticDecoder:
         self.fused_pre = CompiledRegion(fused_attention_inputs, regions)
         self.fused_post = CompiledRegion(fused_attention_output_and_mlp, regions)
         # Views of each layer's fused q/k/v and gate/up weights, where `slimcompile.compile` fused them.
-        self.fused = [fused_of(layer) for layer in model.model.layers]
+        self.fused = [fused_of(layer) if fuse_enabled(dev) else None for layer in model.model.layers]
 
     @property
     def cache(self) -> SlimKVCache:
