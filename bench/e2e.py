@@ -9,6 +9,7 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   slim-resident-sdpa    slim-resident with SLIM_DECODE_ATTN=sdpa (one masked SDPA call per layer)
   slim-resident-matmul  slim-resident with SLIM_DECODE_ATTN=matmul (decode attention as matmuls)
   slim-resident-nofuse  slim-resident with SLIM_DECODE_FUSE=0 (separate q/k/v and gate/up GEMMs)
+  slim-offload-p<N>     slim-offload with SLIM_COPY_PROGRAMS=N (the block-copy kernel on N programs)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
 and for slim the prompt KV kept on the GPU. For each slim variant it also profiles a few decode steps
@@ -121,7 +122,7 @@ def profile_decode_steps(name: str, cache, tok, out_dir: str, steps: int = 6) ->
     path = os.path.join(out_dir, f"{name}_decode_trace.json")
     prof.export_chrome_trace(path)
     stats = breakdown(path, steps)
-    if name == "slim-offload":
+    if name.startswith("slim-offload"):
         stats.update(_overlap_from_trace(path))
         stats["swaps"] = int(sum(int(l.swaps.sum()) for l in cache.layers if not l.all_resident))
         stats["blocks_copied"] = int(sum(int(l.blocks_copied) for l in cache.layers if not l.all_resident))
@@ -132,10 +133,11 @@ def run_variant(name: str, model, lengths, args, f) -> None:
     import slimcompile
 
     from slimcompile.runtime.decode import ENV_ATTN
+    from slimcompile.runtime.block_copy import ENV_PROGRAMS
     from slimcompile.runtime.fused_weights import ENV_FUSE
 
     if name.startswith("slim"):
-        opts = {"kv": "offload" if name == "slim-offload" else "resident"}
+        opts = {"kv": "offload" if name.startswith("slim-offload") else "resident"}
         opts.update(json.loads(args.slim_options))
         slimcompile.compile(model, **opts)
     impl = name.rsplit("-", 1)[-1]
@@ -143,6 +145,8 @@ def run_variant(name: str, model, lengths, args, f) -> None:
         os.environ[ENV_ATTN] = impl
     if name == "slim-resident-nofuse":
         os.environ[ENV_FUSE] = "0"
+    if name.startswith("slim-offload-p"):
+        os.environ[ENV_PROGRAMS] = name[len("slim-offload-p"):]
     try:
         for i, L in enumerate(lengths):
             new = args.offload_new if name == "hf-offload" else args.new
@@ -180,6 +184,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
     finally:
         os.environ.pop(ENV_ATTN, None)
         os.environ.pop(ENV_FUSE, None)
+        os.environ.pop(ENV_PROGRAMS, None)
         if hasattr(model, "slim"):
             model.forward = model.slim.original_forward
             del model.slim

@@ -21,11 +21,11 @@ def _rows(path):
 def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
     import e2e
 
-    e2e.main(TINY + ["--lengths", "600", "--new", "3", "--out", str(tmp_path), "--variants", "hf-eager,slim-resident,slim-offload,slim-resident-matmul",
+    e2e.main(TINY + ["--lengths", "600", "--new", "3", "--out", str(tmp_path), "--variants", "hf-eager,slim-resident,slim-offload,slim-resident-matmul,slim-offload-p2",
                      "--slim-options", json.dumps({"prune_layers": [0], "decode_budget": 64})])
     rows = {r["variant"]: r for r in _rows(tmp_path / "e2e.jsonl")}
-    assert set(rows) == {"hf-eager", "slim-resident", "slim-offload", "slim-resident-matmul"}, rows
-    assert "SLIM_DECODE_ATTN" not in os.environ
+    assert set(rows) == {"hf-eager", "slim-resident", "slim-offload", "slim-resident-matmul", "slim-offload-p2"}, rows
+    assert "SLIM_DECODE_ATTN" not in os.environ and "SLIM_COPY_PROGRAMS" not in os.environ
     assert all("error" not in r and r["e2e_ms"] > 0 and r["new"] == 3 for r in rows.values())
     unpruned = rows["hf-eager"]["host_kv"]  # on the CPU every buffer is "host"
     assert rows["slim-resident"]["gpu_prompt_kv"] < unpruned  # pruned after layer 0

@@ -7,14 +7,20 @@
 
 On CUDA with `src` in pinned host memory a Triton kernel reads the blocks straight from host
 memory over the bus (zero-copy: pinned memory is mapped into the device's address space under
-unified addressing), one program per (slot, kv head); slots that did not change load nothing.
+unified addressing), one (slot, kv head) per program, or a fixed number of programs that loop
+over them (`SLIM_COPY_PROGRAMS`, to leave SMs to the main stream); slots that did not change
+load nothing.
 Elsewhere (CPU, or `src` on the device) it is a torch gather + `where`, which the CPU tests use
 as the semantics.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+ENV_PROGRAMS = "SLIM_COPY_PROGRAMS"
 
 try:
     import triton
@@ -41,23 +47,36 @@ if HAS_TRITON:
     @triton.jit
     def _copy_blocks_kernel(
         src_ptr, dst_ptr, slot_ptr, changed_ptr,
-        A, row0,
+        A, H, total, n_prog, row0,
         s_b, s_h, s_n, s_t, s_d,
         d_b, d_h, d_r, d_d,
-        BLOCK_T: tl.constexpr, D: tl.constexpr,
+        BLOCK_T: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     ):
-        pid = tl.program_id(0)  # b * A + a
-        h = tl.program_id(1)
-        bi = pid // A
-        a = pid % A
-        moved = tl.load(changed_ptr + pid) != 0
-        blk = tl.load(slot_ptr + pid)
+        # Each program copies jobs pid, pid + P, ... of the (batch * slot, kv head) jobs, so a small
+        # grid leaves most SMs to the main stream's kernels while the copy streams over the bus.
         t = tl.arange(0, BLOCK_T)
         dd = tl.arange(0, D)
-        src = src_ptr + bi * s_b + h * s_h + blk * s_n + t[:, None] * s_t + dd[None, :] * s_d
-        x = tl.load(src, mask=moved, other=0.0)
-        dst = dst_ptr + bi * d_b + h * d_h + (row0 + a * BLOCK_T + t)[:, None] * d_r + dd[None, :] * d_d
-        tl.store(dst, x, mask=moved)
+        for i in tl.static_range(ITERS):
+            job = tl.program_id(0) + i * n_prog
+            live = job < total
+            pa = job // H  # b * A + a
+            h = job % H
+            bi = pa // A
+            a = pa % A
+            moved = (tl.load(changed_ptr + pa, mask=live, other=0) != 0) & live
+            blk = tl.load(slot_ptr + pa, mask=live, other=0)
+            src = src_ptr + bi * s_b + h * s_h + blk * s_n + t[:, None] * s_t + dd[None, :] * s_d
+            x = tl.load(src, mask=moved, other=0.0)
+            dst = dst_ptr + bi * d_b + h * d_h + (row0 + a * BLOCK_T + t)[:, None] * d_r + dd[None, :] * d_d
+            tl.store(dst, x, mask=moved)
+
+
+def copy_programs() -> int:
+    """SLIM_COPY_PROGRAMS: how many programs the copy kernel runs (default 0: one per (slot, kv head))."""
+    v = os.environ.get(ENV_PROGRAMS, "0").strip() or "0"
+    if not v.isdigit():
+        raise ValueError(f"{ENV_PROGRAMS} must be a whole number of programs (0: one per block and kv head), got {v!r}")
+    return int(v) or 1 << 30
 
 
 def _triton_ok(dst: torch.Tensor, src: torch.Tensor) -> bool:
@@ -71,14 +90,20 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tensor, ch
     if not _triton_ok(dst, src):
         copy_blocks_torch(dst, src, slot_src, changed, row0)
         return
+    launch_copy_kernel(dst, src, slot_src, changed, row0, copy_programs())
+
+
+def launch_copy_kernel(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tensor, changed: torch.Tensor, row0: int, programs: int) -> None:
     b, h, n, B, d = src.shape
     A = slot_src.shape[1]
     slot = slot_src.contiguous()
     moved = changed.to(torch.int8).contiguous()
-    _copy_blocks_kernel[(b * A, h)](
+    total = b * A * h
+    n_prog = min(total, programs)
+    _copy_blocks_kernel[(n_prog,)](
         src, dst, slot, moved,
-        A, row0,
+        A, h, total, n_prog, row0,
         src.stride(0), src.stride(1), src.stride(2), src.stride(3), src.stride(4),
         dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3),
-        BLOCK_T=B, D=d, num_warps=4,
+        BLOCK_T=B, D=d, ITERS=-(-total // n_prog), num_warps=4,
     )

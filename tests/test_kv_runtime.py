@@ -9,7 +9,7 @@ import torch
 import slimcompile
 from slimcompile import reference
 from slimcompile.options import SlimOptionError, parse_options
-from slimcompile.runtime.block_copy import copy_blocks, copy_blocks_torch
+from slimcompile.runtime.block_copy import HAS_TRITON, copy_blocks, copy_blocks_torch
 from slimcompile.runtime.kv_cache import ResidentLayerKV, SlimKVCache
 from slimcompile.runtime.offload import BlockSelector, OffloadedLayerKV
 
@@ -244,7 +244,9 @@ def test_cuda_stream_and_graph_paths_match_the_synchronous_path(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_host_block_copy_matches_torch_copy():
+@pytest.mark.parametrize("programs", ["0", "2", "5"])
+def test_cuda_host_block_copy_matches_torch_copy(monkeypatch, programs):
+    monkeypatch.setenv("SLIM_COPY_PROGRAMS", programs)
     src = torch.randn(2, 3, 7, 16, 64).to(torch.bfloat16).pin_memory()
     slot = torch.tensor([[6, 0, 3], [1, 2, 5]], device="cuda")
     changed = torch.tensor([[True, False, True], [True, True, False]], device="cuda")
@@ -253,6 +255,39 @@ def test_cuda_host_block_copy_matches_torch_copy():
     copy_blocks(a, src, slot, changed, 5)
     copy_blocks_torch(b, src.cuda(), slot, changed, 5)
     assert torch.equal(a, b)
+
+
+COPY_KERNEL_SCRIPT = """
+import torch
+from slimcompile.runtime.block_copy import launch_copy_kernel, copy_blocks_torch
+src = torch.randn(2, 3, 7, 16, 64)
+slot = torch.tensor([[6, 0, 3], [1, 2, 5]]); changed = torch.tensor([[True, False, True], [True, True, False]])
+for programs in (1 << 30, 5, 2, 1):
+    a = torch.randn(2, 3, 5 + 3 * 16 + 2, 64); b = a.clone()
+    launch_copy_kernel(a, src, slot, changed, 5, programs)
+    copy_blocks_torch(b, src, slot, changed, 5)
+    print(programs, torch.equal(a, b))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_copy_kernel_in_the_interpreter_for_any_number_of_programs():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COPY_KERNEL_SCRIPT], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1073741824", "True", "5", "True", "2", "True", "1", "True"]
+
+
+def test_copy_programs_rejects_bad_values(monkeypatch):
+    from slimcompile.runtime.block_copy import copy_programs
+
+    monkeypatch.setenv("SLIM_COPY_PROGRAMS", "many")
+    with pytest.raises(ValueError, match="SLIM_COPY_PROGRAMS must be a whole number"):
+        copy_programs()
 
 
 def test_host_buffers_are_reused_by_the_next_generation():
