@@ -14,9 +14,9 @@ import re
 
 # Order matters: the first match wins (Inductor names a fused kernel after the ops in it).
 CATEGORIES: list[tuple[str, str]] = [
-    ("slim scoring", r"_stats_kernel|_combine_kernel|_token_kernel|_pool_kernel"),
+    ("attention", r"^_decode_(partial|combine)_kernel|flash|fmha|attention|attn|cudnn"),
+    ("slim scoring", r"^_(stats|combine|token|pool)_kernel"),
     ("selection + gather", r"topk|sort|radix|gather|index|scatter|cub::|bitonic"),
-    ("attention", r"flash|fmha|attention|attn|cudnn"),
     ("gemm", r"gemm|cutlass|nvjet|xmma|cublas|splitk|triton_tem|_mm_"),
 ]
 OTHER = "other"

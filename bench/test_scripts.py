@@ -56,15 +56,15 @@ def test_kernel_profile_splits_time_by_category(tmp_path):
     ev = lambda name, ts, dur, stream=7: {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}  # noqa: E731
     trace = {"traceEvents": [
         ev("nvjet_tst_gemm", 0, 100), ev("pytorch_flash::flash_fwd_kernel", 100, 50), ev("_stats_kernel", 160, 10),
-        ev("void at::native::sbtopk::gatherTopK", 170, 5), ev("triton_poi_fused_mul_0", 175, 5),
+        ev("void at::native::sbtopk::gatherTopK", 170, 5), ev("triton_poi_fused_mul_0", 175, 5), ev("_decode_combine_kernel", 180, 1),
         ev("nvjet_tst_gemm", 150, 20, stream=9),  # overlaps the flash kernel on another stream
         {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},
     ]}
     path = tmp_path / "trace.json"
     path.write_text(__import__("json").dumps(trace))
     b = kernel_profile.breakdown(str(path))
-    assert b["category_us"] == {"slim scoring": 10, "selection + gather": 5, "attention": 50, "gemm": 120, "other": 5}
-    assert b["kernels"] == 6 and b["kernel_us"] == 190 and b["wall_us"] == 180 and b["busy_us"] == 180
+    assert b["category_us"] == {"slim scoring": 10, "selection + gather": 5, "attention": 51, "gemm": 120, "other": 5}
+    assert b["kernels"] == 7 and b["kernel_us"] == 191 and b["wall_us"] == 181 and b["busy_us"] == 181
     assert b["top_kernels_us"][0] == ["nvjet_tst_gemm", 120, 2]
 
 

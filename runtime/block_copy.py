@@ -7,9 +7,10 @@
 
 On CUDA with `src` in pinned host memory a Triton kernel reads the blocks straight from host
 memory over the bus (zero-copy: pinned memory is mapped into the device's address space under
-unified addressing), one (slot, kv head) per program, or a fixed number of programs that loop
-over them (`SLIM_COPY_PROGRAMS`, to leave SMs to the main stream); slots that did not change
-load nothing.
+unified addressing). A fixed number of programs (`SLIM_COPY_PROGRAMS`, default 64) loop over
+the (slot, kv head) jobs: with one program per job the copy takes every SM while it waits on the
+bus and slows the main stream's GEMMs and KV writes (measured on an H200, bench/RESULTS.md).
+Slots that did not change load nothing.
 Elsewhere (CPU, or `src` on the device) it is a torch gather + `where`, which the CPU tests use
 as the semantics.
 """
@@ -71,9 +72,12 @@ if HAS_TRITON:
             tl.store(dst, x, mask=moved)
 
 
+DEFAULT_PROGRAMS = 64  # bench/RESULTS.md, session 4: 10.95-11.6 ms/token at 32K against 12.8-13.5 with one program per block
+
+
 def copy_programs() -> int:
-    """SLIM_COPY_PROGRAMS: how many programs the copy kernel runs (default 0: one per (slot, kv head))."""
-    v = os.environ.get(ENV_PROGRAMS, "0").strip() or "0"
+    """SLIM_COPY_PROGRAMS: how many programs the copy kernel runs (default 64; 0: one per (slot, kv head))."""
+    v = os.environ.get(ENV_PROGRAMS, str(DEFAULT_PROGRAMS)).strip() or str(DEFAULT_PROGRAMS)
     if not v.isdigit():
         raise ValueError(f"{ENV_PROGRAMS} must be a whole number of programs (0: one per block and kv head), got {v!r}")
     return int(v) or 1 << 30

@@ -10,10 +10,10 @@ per (batch, kv head), so 8 programs stream a 32K-token cache and the decode step
 attention, not by the weights (bench/RESULTS.md, session 2). Here the key axis is split into
 chunks over the whole GPU (Dao et al.'s flash-decoding); on the H200 at 32K this took a decode
 token from 23.8 to 10.1 ms, the attention reading the KV at ~2.9 TB/s (session 3):
-1. `_partial_kernel`, grid (n_split, b*Hkv): online softmax over one CHUNK of rows, BLOCK_N
+1. `_decode_partial_kernel`, grid (n_split, b*Hkv): online softmax over one CHUNK of rows, BLOCK_N
    keys per `tl.dot` (all G rows of the head group at once, G padded to 16), stopping at n ->
    per-split row max, sum-exp and unnormalised output (fp32). Chunks past n exit at once.
-2. `_combine_kernel`, grid (G, b*Hkv): merges the splits -> the output row.
+2. `_decode_combine_kernel`, grid (G, b*Hkv): merges the splits -> the output row.
 Logits are in the log2 domain (exp2). The number of splits depends on C (the capacity, fixed
 between buffer growths), never on n. The torch path (`reference_decode_attention`) is the
 oracle; under TRITON_INTERPRET=1 the kernels run on the CPU for the tests, with bf16 operands
@@ -43,7 +43,7 @@ def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if HAS_TRITON:
 
     @triton.jit
-    def _partial_kernel(
+    def _decode_partial_kernel(
         Q, K, V, N, PO, PM, PL, qk_scale, H,
         sqb, sqh, sqg, skb, skh, skc, svb, svh, svc,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -95,7 +95,7 @@ if HAS_TRITON:
         tl.store(PO + row[:, None] * D + rd[None, :], acc, mask=gd_mask)
 
     @triton.jit
-    def _combine_kernel(
+    def _decode_combine_kernel(
         PO, PM, PL, O, H, sob, soh, sog,
         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
@@ -161,14 +161,14 @@ def triton_decode_attention(
     po = torch.empty(b * hkv * n_split * g * d, **f32)
     pm = torch.empty(b * hkv * n_split * g, **f32)
     pl = torch.empty(b * hkv * n_split * g, **f32)
-    _partial_kernel[(n_split, b * hkv)](
+    _decode_partial_kernel[(n_split, b * hkv)](
         q, k, v, n, po, pm, pl, float(scale) * LOG2E, hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, N_SPLIT=n_split, DOT_F32=dot_f32,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(b, hkv, g, d, device=q.device, dtype=q.dtype)
-    _combine_kernel[(g, b * hkv)](
+    _decode_combine_kernel[(g, b * hkv)](
         po, pm, pl, out, hkv, out.stride(0), out.stride(1), out.stride(2),
         G=g, D=d, BLOCK_D=block_d, N_SPLIT=n_split, BLOCK_S=min(16, next_pow2(n_split)), num_warps=4,
     )
