@@ -221,18 +221,27 @@ def resume_prefill(model, trace: FullTrace, schedule=None, drop: tuple[int, Sequ
 
 
 @torch.no_grad()
-def greedy_from(model, state, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-    """Greedy decode (batch 1) from a reference state with per-layer KV of any lengths."""
+def greedy_from(model, state, max_new_tokens: int, eos_token_id: int | None, check_every: int = 4) -> list[int]:
+    """Greedy decode (batch 1) from a reference state with per-layer KV of any lengths.
+
+    The host looks at the tokens (for EOS) only every `check_every` steps, so on a GPU the steps
+    in between queue without a synchronisation; tokens after the first EOS are dropped, so the
+    result is the same as checking every step.
+    """
     from slimcompile.reference import decode_step
 
-    out: list[int] = []
+    toks: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         tok = state.logits[:, -1].argmax(-1, keepdim=True)
-        t = int(tok)
-        out.append(t)
-        if (eos_token_id is not None and t == eos_token_id) or step == max_new_tokens - 1:
+        toks.append(tok)
+        if step == max_new_tokens - 1:
+            break
+        if eos_token_id is not None and (step + 1) % check_every == 0 and bool((torch.cat(toks) == eos_token_id).any()):
             break
         state = decode_step(model, state, tok)
+    out = torch.cat(toks).flatten().tolist()
+    if eos_token_id is not None and eos_token_id in out:
+        out = out[: out.index(eos_token_id) + 1]
     return out
 
 

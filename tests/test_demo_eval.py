@@ -137,3 +137,20 @@ def test_unknown_flag_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_greedy_from_checks_eos_in_batches_without_changing_tokens():
+    import torch
+
+    from slimcompile.evaluate import greedy_from, resume_prefill, trace_full
+    from slimcompile.models import load
+
+    model, _ = load("tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    state = resume_prefill(model, trace_full(model, ids))
+    free = greedy_from(model, state, 10, None)
+    assert len(free) == 10
+    eos = free[2]
+    expect = free[: free.index(eos) + 1]
+    for every in (1, 4, 16):
+        assert greedy_from(model, state, 10, eos, check_every=every) == expect

@@ -55,3 +55,21 @@ def test_defaults_are_valid_and_disabled_needs_no_keep():
     assert o.pruning and o.keep_ratio == (DEFAULTS["keep_ratio"],) * len(DEFAULTS["prune_layers"])
     assert not parse_options({"enabled": False, "keep_ratio": None}).pruning
     assert parse_options({"keep_tokens": 4096}).keep_ratio is None  # keep_tokens replaces the default ratio
+
+
+def test_documented_default_schedule_is_the_code_default():
+    """docs/accuracy.md and the README options table state the default the sweep chose; they must match DEFAULTS."""
+    import json
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "accuracy.md").read_text()
+    m = re.search(r"\*\*Current default \(`DEFAULTS` in slimcompile/options.py\): `([^`]*)`\*\*", doc)
+    assert m, "docs/accuracy.md lost its 'Current default' line"
+    documented = json.loads("{" + m.group(1) + "}")
+    assert documented == {k: DEFAULTS[k] for k in documented}
+    readme = (root / "README.md").read_text()
+    for key in ("prune_layers", "keep_ratio"):
+        row = re.search(rf"^\| `{key}` \| `([^`]*)` \|", readme, re.M)
+        assert row and json.loads(row.group(1)) == DEFAULTS[key], key
