@@ -187,7 +187,8 @@ class SlimKVCache(Cache):
                 from slimcompile.runtime.offload import OffloadedLayerKV
 
                 layers.append(OffloadedLayerKV(k, v, reserve, options.sink, options.window, options.block_size,
-                                               options.decode_budget, options.swap_threshold, options.offload_summary))
+                                               options.decode_budget, options.swap_threshold, options.offload_summary,
+                                               options.offload_score, options.unit_size))
             else:
                 layers.append(ResidentLayerKV(k, v, reserve))
             del k, v

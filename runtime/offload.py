@@ -7,10 +7,13 @@ max: `offload_summary`) stays on the device.
 Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
-  scores  = max over heads and GQA group of a block score            [b, n]
-            "mean" (default): q . mean key; "minmax" (Quest): sum_d max(q_d min_d, q_d max_d)
-            over the block's per-dimension key range, an upper bound of q . k in the block
-            (lost more prompts than "mean" on SmolLM2 at 2K, docs/accuracy.md)
+  scores  = a block score per head, combined over heads and GQA rows    [b, n]
+            `offload_summary` "mean" (default): q . mean key; "unitmean": q . mean key of each
+            unit_size-token unit, the block's best unit counts; "minmax" (Quest): sum_d max(q_d
+            min_d, q_d max_d) over the block's per-dimension key range, an upper bound of q . k in
+            the block (lost more prompts than "mean" on SmolLM2 at 2K, docs/accuracy.md).
+            `offload_score` "max" (default): the largest over heads; "softmax": each head's softmax
+            over blocks (its estimated attention mass), averaged over heads
   new     = top-A blocks
   overlap = |new & active| / A;   swap iff overlap < swap_threshold
   on swap, the blocks of `new` not yet active take the slots of the active blocks that left
@@ -88,17 +91,22 @@ def _side_stream(dev: torch.device) -> torch.cuda.Stream:
 class BlockSelector:
     """Decides the active set of one layer: top-A blocks for a query, kept unless overlap drops."""
 
-    def __init__(self, n_active: int, swap_threshold: float):
+    def __init__(self, n_active: int, swap_threshold: float, units: int = 1, combine: str = "max"):
         self.n_active = n_active
         self.swap_threshold = swap_threshold
+        self.units = units
+        self.combine = combine
 
     @staticmethod
-    def scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        """q [b, Hq, 1, d] against block summaries -> [b, n] fp32, max over heads and GQA rows.
+    def scores(q: torch.Tensor, summaries: torch.Tensor, units: int = 1, combine: str = "max") -> torch.Tensor:
+        """q [b, Hq, 1, d] against block summaries -> [b, n] fp32.
 
-        summaries [b, Hkv, n, d]: one mean key per block, score q . mean_key.
-        summaries [2, b, Hkv, n, d]: per-dimension min and max key of each block (Quest), score
-        sum_d max(q_d * min_d, q_d * max_d), an upper bound of q . k over the block's keys.
+        summaries [b, Hkv, n * units, d]: mean keys ("mean": units=1; "unitmean": one per unit of
+        a block), score q . mean_key. summaries [2, b, Hkv, n, d]: per-dimension min and max key of
+        each block (Quest), score sum_d max(q_d * min_d, q_d * max_d), an upper bound of q . k over
+        the block's keys. combine "max": the largest score over heads, GQA rows and units;
+        "softmax": per head and GQA row a softmax over all units of the scaled scores (that head's
+        estimated attention mass), summed over a block's units and averaged over heads.
         """
         b, hq, _, d = q.shape
         hkv = summaries.shape[-3]
@@ -108,7 +116,11 @@ class BlockSelector:
         else:  # max(q_d min_d, q_d max_d) = q_d max_d where q_d > 0, q_d min_d where q_d < 0
             s = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), summaries[1].float())
             s = s + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), summaries[0].float())
-        return s.amax(dim=(1, 2))
+        s = s.reshape(*s.shape[:3], -1, units)  # [b, h, g, n, units]
+        if combine == "softmax":
+            p = torch.softmax(s.flatten(-2) * d**-0.5, dim=-1).reshape(s.shape)
+            return p.sum(-1).mean(dim=(1, 2))
+        return s.amax(dim=(1, 2, 4))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """[b, A] block ids, increasing."""
@@ -147,13 +159,13 @@ def select_mode() -> str:
 
 
 def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, n_active: int,
-                     swap_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     swap_threshold: float, units: int = 1, combine: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's selection for one layer: (next_active [b, A], changed [b, A] bool).
 
     Scores, top-A and the swap plan: ~30 small kernels eagerly, the work the side stream does
     before its copies; compiled (`CompiledRegion`) it is a few fused ones."""
-    selector = BlockSelector(n_active, swap_threshold)
-    nxt, changed, _ = selector.plan(active, selector.select(selector.scores(q, summaries)))
+    selector = BlockSelector(n_active, swap_threshold, units, combine)
+    nxt, changed, _ = selector.plan(active, selector.select(selector.scores(q, summaries, units, combine)))
     return nxt, changed
 
 
@@ -184,6 +196,8 @@ class OffloadedLayerKV(DecodeLayerKV):
         decode_budget: int,
         swap_threshold: float,
         summary: str = "mean",
+        combine: str = "max",
+        unit_size: int = 8,
     ):
         b, h, L, d = keys.shape
         dev = keys.device
@@ -215,11 +229,15 @@ class OffloadedLayerKV(DecodeLayerKV):
         self.host_values = HOST_POOL.take(self, blocks_v.shape, values.dtype, pin)
         self.host_keys.copy_(blocks_k)
         self.host_values.copy_(blocks_v)
+        units = 1
         if summary == "minmax":  # [2, b, h, n, d]
             self.summaries = torch.stack([blocks_k.amin(dim=3), blocks_k.amax(dim=3)])
+        elif summary == "unitmean":  # [b, h, n * units, d]
+            units = block_size // unit_size
+            self.summaries = blocks_k.float().reshape(b, h, n * units, unit_size, d).mean(dim=3).to(keys.dtype)
         else:  # "mean": [b, h, n, d]
             self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
-        self.selector = BlockSelector(A, swap_threshold)
+        self.selector = BlockSelector(A, swap_threshold, units, combine)
         self.plan = _plan_region(dev)
         self.select_mode = select_mode()
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
@@ -244,10 +262,12 @@ class OffloadedLayerKV(DecodeLayerKV):
     # -- selection and copies -------------------------------------------------------------------------
     def _apply(self, q: torch.Tensor, prime: bool) -> None:
         if prime:
-            nxt = self.selector.select(self.selector.scores(q, self.summaries))
+            sel = self.selector
+            nxt = sel.select(sel.scores(q, self.summaries, sel.units, sel.combine))
             changed = torch.ones_like(nxt, dtype=torch.bool)
         else:
-            nxt, changed = self.plan(q, self.summaries, self.active, self.n_active, self.selector.swap_threshold)
+            sel = self.selector
+            nxt, changed = self.plan(q, self.summaries, self.active, self.n_active, sel.swap_threshold, sel.units, sel.combine)
             self.swaps += changed.any(-1).to(torch.int64)
         row0 = self.sink
         copy_blocks(self.k_buf, self.host_keys, nxt, changed, row0)

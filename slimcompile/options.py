@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "decode_budget": 2048,
     "swap_threshold": 0.9,
     "offload_summary": "mean",
+    "offload_score": "max",
     "decode_reserve": 256,
     "cuda_graphs": True,
 }
@@ -46,7 +47,7 @@ HELP: dict[str, str] = {
     "keep_ratio": "float in (0, 1], or one per pruning layer: fraction of the blocks present at that layer that are kept",
     "keep_tokens": "int, or one per pruning layer: absolute token budget after that layer (non-increasing)",
     "block_size": "tokens per block (the unit of selection)",
-    "unit_size": "tokens per TokenUnit inside a block (scoring='tokenunit'); must divide block_size",
+    "unit_size": "tokens per TokenUnit inside a block (scoring='tokenunit', offload_summary='unitmean'); must divide block_size",
     "scoring": "'attention' (softmax attention of the window's queries) or 'tokenunit' (the paper's |q·k_unit|)",
     "window": "last prompt tokens always kept; their queries score the blocks",
     "sink": "first prompt tokens always kept",
@@ -57,15 +58,19 @@ HELP: dict[str, str] = {
     "host memory, an active set on the device) or 'dynamic' (transformers' DynamicCache through the compiled graph)",
     "decode_budget": "kv='offload': prompt tokens per layer in the device's active block set (besides sink, tail, generated)",
     "swap_threshold": "kv='offload': swap in a new block set only when it overlaps the active one by less than this (0..1]",
-    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'mean' (mean key) or "
+    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'mean' (mean key), "
+    "'unitmean' (mean key per unit_size tokens, the block's best unit counts) or "
     "'minmax' (per-dimension key range, Quest's upper bound of q.k; measured worse on SmolLM2, docs/accuracy.md)",
+    "offload_score": "kv='offload': how heads combine into a block score: 'max' (largest q.summary over heads) or "
+    "'softmax' (each head's softmax over blocks of the scaled q.summary, i.e. its estimated attention mass, averaged over heads)",
     "decode_reserve": "kv='resident'/'offload': rows reserved for generated tokens; buffers grow by this much when full",
     "cuda_graphs": "kv='resident'/'offload' on CUDA: replay the decode step as a CUDA graph",
 }
 
 SCORINGS = ("attention", "tokenunit")
 KV_MODES = ("resident", "offload", "dynamic")
-OFFLOAD_SUMMARIES = ("minmax", "mean")
+OFFLOAD_SUMMARIES = ("minmax", "mean", "unitmean")
+OFFLOAD_SCORES = ("max", "softmax")
 POOLINGS = ("max", "mean")
 
 
@@ -96,6 +101,7 @@ class SlimOptions:
     decode_budget: int = 2048
     swap_threshold: float = 0.9
     offload_summary: str = "mean"
+    offload_score: str = "max"
     decode_reserve: int = 256
     cuda_graphs: bool = True
 
@@ -209,8 +215,10 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
     sink = v["sink"]
     if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
         raise _err("sink", sink, "must be an int >= 0")
-    if v["scoring"] == "tokenunit" and v["block_size"] % v["unit_size"] != 0:
-        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']}")
+    units_used = v["scoring"] == "tokenunit" or v["offload_summary"] == "unitmean"
+    if units_used and (v["block_size"] % v["unit_size"] != 0 or v["unit_size"] > v["block_size"]):
+        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']} (it is used by "
+                   f"scoring='tokenunit' and offload_summary='unitmean')")
     if v["scoring"] not in SCORINGS:
         raise _err("scoring", v["scoring"], f"allowed: {list(SCORINGS)}")
     if v["pooling"] not in POOLINGS:
@@ -254,6 +262,8 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         raise _err("swap_threshold", thr, "must be a number in (0, 1]")
     if v["offload_summary"] not in OFFLOAD_SUMMARIES:
         raise _err("offload_summary", v["offload_summary"], f"allowed: {list(OFFLOAD_SUMMARIES)}")
+    if v["offload_score"] not in OFFLOAD_SCORES:
+        raise _err("offload_score", v["offload_score"], f"allowed: {list(OFFLOAD_SCORES)}")
     _bool("cuda_graphs", v["cuda_graphs"])
 
     return SlimOptions(
@@ -272,6 +282,7 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
         decode_budget=v["decode_budget"],
         swap_threshold=float(thr),
         offload_summary=v["offload_summary"],
+        offload_score=v["offload_score"],
         decode_reserve=v["decode_reserve"],
         cuda_graphs=v["cuda_graphs"],
     )

@@ -163,6 +163,43 @@ def test_minmax_score_is_an_upper_bound_reached_by_the_best_key():
     torch.testing.assert_close(s, brute.amax(dim=(1, 2)))
 
 
+def test_softmax_score_is_not_decided_by_the_largest_head():
+    """combine="max" follows the head with the largest raw q.k (head 0, flat over blocks);
+    "softmax" weighs each head by how much it prefers one block (head 1, peaked on block 2)."""
+    q = torch.zeros(1, 2, 1, 2)
+    q[0, 0, 0, 0], q[0, 1, 0, 0] = 10.0, 1.0
+    summaries = torch.zeros(1, 2, 4, 2)  # 2 kv heads (no GQA), 4 blocks
+    summaries[0, 0, :, 0] = torch.tensor([1.0, 0.9, 0.9, 0.9])
+    summaries[0, 1, 2, 0] = 5.0
+    sel = BlockSelector(n_active=1, swap_threshold=0.9)
+    assert sel.select(BlockSelector.scores(q, summaries)).tolist() == [[0]]
+    p = BlockSelector.scores(q, summaries, combine="softmax")
+    assert sel.select(p).tolist() == [[2]]
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))  # a mean of per-head distributions
+
+
+def test_unitmean_scores_a_block_by_its_best_unit():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 64, 8, generator=g)
+    layer = OffloadedLayerKV(keys, keys.clone(), reserve=2, sink=4, window=4, block_size=8, decode_budget=16,
+                             swap_threshold=0.9, summary="unitmean", unit_size=4)
+    n = layer.n_blocks
+    assert layer.summaries.shape == (1, 2, n * 2, 8) and layer.selector.units == 2
+    body = keys[:, :, 4 : 4 + n * 8].reshape(1, 2, n * 2, 4, 8).mean(dim=3)
+    torch.testing.assert_close(layer.summaries, body)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    s = BlockSelector.scores(q, layer.summaries, units=2)
+    per_unit = torch.einsum("bhgd,bhud->bhgu", q.reshape(1, 2, 2, 8), body)
+    torch.testing.assert_close(s, per_unit.reshape(1, 2, 2, n, 2).amax(dim=(1, 2, 4)))
+
+
+def test_offload_with_unitmean_and_softmax_generates_and_swaps():
+    _, _, out = _generate("offload", 16, ids(300), new=6, offload_summary="unitmean", offload_score="softmax", unit_size=2)
+    layers = [l for l in out.past_key_values.layers if not l.all_resident]
+    assert layers and sum(int(l.swaps.sum()) for l in layers) > 0
+    assert out.sequences.shape[1] == 306
+
+
 def _generate(kv, budget, x, new=8, **extra):
     model = tiny("llama", 2, seed=3)
     opts = {**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "kv": kv, "decode_budget": budget, "decode_reserve": 3, **extra}
@@ -214,7 +251,9 @@ def test_kv_dynamic_keeps_the_compiled_decode_path():
         ({"swap_threshold": 1.5}, ["swap_threshold", "(0, 1]"]),
         ({"swap_threshold": 0}, ["swap_threshold"]),
         ({"cuda_graphs": "yes"}, ["cuda_graphs", "True or False"]),
-        ({"offload_summary": "median"}, ["offload_summary", "minmax", "mean"]),
+        ({"offload_summary": "median"}, ["offload_summary", "minmax", "mean", "unitmean"]),
+        ({"offload_score": "sum"}, ["offload_score", "max", "softmax"]),
+        ({"kv": "offload", "offload_summary": "unitmean", "block_size": 32, "unit_size": 12}, ["unit_size", "divide"]),
         ({"decode_reserve": -1}, ["decode_reserve"]),
     ],
 )
