@@ -5,6 +5,7 @@
 #   GPU_TESTS=1        run the CUDA-only tests (pytest -k cuda) of the kernels and the KV runtime
 #   PROBE=1            run bench/recompile_probe.py (which guard recompiles per prompt length) once per
 #                      mode in PROBE_MODES (flatten: default passes; noflatten: SLIM_FLATTEN_LINEAR=0)
+#   REPS=n             ttft.py repetitions per length (default 3; REPS=1 to only fill the Inductor cache)
 #   PROFILE_LENGTH=L   ttft.py also profiles one prefill per variant at length L (kernel time by category)
 #   WARM="<variants>"  then time those variants again in a second process at the first length: with the
 #                      Inductor cache the first process filled, its "first call s" is the warm-cache compile
@@ -33,7 +34,7 @@ if [ "${PROBE:-0}" = 1 ]; then
   done
 fi
 if [ -n "${1:-}" ]; then
-  python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" ${PROFILE_LENGTH:+--profile-length $PROFILE_LENGTH} 2>&1 \
+  python3 bench/ttft.py --out "$OUT" --variants "$1" --lengths "$2" --reps "${REPS:-3}" ${PROFILE_LENGTH:+--profile-length $PROFILE_LENGTH} 2>&1 \
     | grep -v -i warn | tee "$OUT/ttft.log"
   if [ -n "${WARM:-}" ]; then
     mkdir -p "$OUT/warm"
