@@ -18,18 +18,17 @@ it simply uses the separate projections again, and no stale copy stays alive.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
+
+from slimcompile.runtime.regions import cuda_switch
 
 ENV_FUSE = "SLIM_DECODE_FUSE"
 
 
 def fuse_enabled(device: torch.device) -> bool:
-    v = os.environ.get(ENV_FUSE, "auto").strip().lower() or "auto"
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"{ENV_FUSE} must be auto, 0 or 1, got {v!r}")
-    return device.type == "cuda" if v == "auto" else v == "1"
+    """SLIM_DECODE_FUSE: "auto" (default: on CUDA), "1" or "0"."""
+    return cuda_switch(ENV_FUSE, device)
 
 
 @dataclasses.dataclass

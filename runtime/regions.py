@@ -17,12 +17,17 @@ import torch
 ENV_COMPILE = "SLIM_DECODE_COMPILE"
 
 
+def cuda_switch(env: str, device: torch.device) -> bool:
+    """An "auto" (default: on CUDA) / "1" / "0" switch read from environment variable `env`."""
+    v = os.environ.get(env, "auto").strip().lower() or "auto"
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"{env} must be auto, 0 or 1, got {v!r}")
+    return device.type == "cuda" if v == "auto" else v == "1"
+
+
 def compile_regions(device: torch.device) -> bool:
     """SLIM_DECODE_COMPILE: "auto" (default: on CUDA), "1" or "0"."""
-    v = os.environ.get(ENV_COMPILE, "auto").strip().lower() or "auto"
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"{ENV_COMPILE} must be auto, 0 or 1, got {v!r}")
-    return device.type == "cuda" if v == "auto" else v == "1"
+    return cuda_switch(ENV_COMPILE, device)
 
 
 class CompiledRegion:
