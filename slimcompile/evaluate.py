@@ -600,7 +600,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
     p.add_argument("--tasks", default="passkey,needle,multikey", help=f"comma list from {','.join(TASKS)} (default passkey,needle,multikey)")
     p.add_argument("--lengths", default="1K,2K,4K,7K", help="comma list of prompt lengths, e.g. 1K,2K or 1024,2048 (default 1K,2K,4K,7K)")
-    p.add_argument("--samples", type=int, default=10, help="samples per (task, length) cell (default 10; ~100 for +/-4 points at 1 s.e., ~250 for +/-5 at 95%%)")
+    p.add_argument("--samples", type=int, default=64, help="samples per (task, length) cell (default 64: +/-5 points at one standard error "
+                   "for accuracy near 0.8; ~250 for +/-5 at 95%%; use fewer for a quick look)")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="slim option for every schedule (JSON value, else string); repeatable")
     p.add_argument("--schedule", action="append", metavar="JSON", help='a slim schedule as a JSON object of options, e.g. \'{"prune_layers":[14],"keep_ratio":0.2}\'; repeatable to compare schedules')
     p.add_argument("--force-drop", action="append", type=int, default=[], metavar="L", help="diagnostic: drop exactly the needle's tokens after layer L (repeatable)")
