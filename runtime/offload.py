@@ -2,14 +2,15 @@
 
 Per layer the device keeps the sink, the tail (window + remainder), every generated token and
 an active set of A = decode_budget // block_size prompt blocks; all prompt blocks live in
-(pinned) host memory, and a summary per block (the mean key, or the per-dimension key min and
-max: `offload_summary`) stays on the device.
+(pinned) host memory, and a summary per block (a mean key per unit of `unit_size` tokens by
+default, the block's mean key, or the per-dimension key min and max: `offload_summary`) stays
+on the device.
 Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
   scores  = a block score per head, combined over heads and GQA rows    [b, n]
-            `offload_summary` "mean" (default): q . mean key; "unitmean": q . mean key of each
-            unit_size-token unit, the block's best unit counts; "minmax" (Quest): sum_d max(q_d
+            `offload_summary` "unitmean" (default): q . mean key of each unit_size-token unit, the
+            block's best unit counts; "mean": q . mean key of the block; "minmax" (Quest): sum_d max(q_d
             min_d, q_d max_d) over the block's per-dimension key range, an upper bound of q . k in
             the block (lost more prompts than "mean" on SmolLM2 at 2K, docs/accuracy.md).
             `offload_score` "max" (default): the largest over heads; "softmax": each head's softmax
@@ -122,6 +123,10 @@ class BlockSelector:
             return p.sum(-1).mean(dim=(1, 2))
         return s.amax(dim=(1, 2, 4))
 
+    def block_scores(self, q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        """`scores` with this selector's units and head combination."""
+        return self.scores(q, summaries, self.units, self.combine)
+
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """[b, A] block ids, increasing."""
         top = torch.topk(scores, self.n_active, dim=-1, sorted=False).indices
@@ -195,7 +200,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         block_size: int,
         decode_budget: int,
         swap_threshold: float,
-        summary: str = "mean",
+        summary: str = "unitmean",
         combine: str = "max",
         unit_size: int = 8,
     ):
@@ -232,9 +237,9 @@ class OffloadedLayerKV(DecodeLayerKV):
         units = 1
         if summary == "minmax":  # [2, b, h, n, d]
             self.summaries = torch.stack([blocks_k.amin(dim=3), blocks_k.amax(dim=3)])
-        elif summary == "unitmean":  # [b, h, n * units, d]
-            units = block_size // unit_size
-            self.summaries = blocks_k.float().reshape(b, h, n * units, unit_size, d).mean(dim=3).to(keys.dtype)
+        elif summary == "unitmean":  # [b, h, n * units, d]; a unit is at most a block
+            units = max(block_size // unit_size, 1)
+            self.summaries = blocks_k.float().reshape(b, h, n * units, block_size // units, d).mean(dim=3).to(keys.dtype)
         else:  # "mean": [b, h, n, d]
             self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
         self.selector = BlockSelector(A, swap_threshold, units, combine)
@@ -263,7 +268,7 @@ class OffloadedLayerKV(DecodeLayerKV):
     def _apply(self, q: torch.Tensor, prime: bool) -> None:
         if prime:
             sel = self.selector
-            nxt = sel.select(sel.scores(q, self.summaries, sel.units, sel.combine))
+            nxt = sel.select(sel.block_scores(q, self.summaries))
             changed = torch.ones_like(nxt, dtype=torch.bool)
         else:
             sel = self.selector

@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "kv": "resident",
     "decode_budget": 2048,
     "swap_threshold": 0.9,
-    "offload_summary": "mean",
+    "offload_summary": "unitmean",
     "offload_score": "max",
     "decode_reserve": 256,
     "cuda_graphs": True,
@@ -58,8 +58,8 @@ HELP: dict[str, str] = {
     "host memory, an active set on the device) or 'dynamic' (transformers' DynamicCache through the compiled graph)",
     "decode_budget": "kv='offload': prompt tokens per layer in the device's active block set (besides sink, tail, generated)",
     "swap_threshold": "kv='offload': swap in a new block set only when it overlaps the active one by less than this (0..1]",
-    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'mean' (mean key), "
-    "'unitmean' (mean key per unit_size tokens, the block's best unit counts) or "
+    "offload_summary": "kv='offload': block summary that scores blocks against the query: 'unitmean' (mean key "
+    "per unit_size tokens, the block's best unit counts; default), 'mean' (the block's mean key) or "
     "'minmax' (per-dimension key range, Quest's upper bound of q.k; measured worse on SmolLM2, docs/accuracy.md)",
     "offload_score": "kv='offload': how heads combine into a block score: 'max' (largest q.summary over heads) or "
     "'softmax' (each head's softmax over blocks of the scaled q.summary, i.e. its estimated attention mass, averaged over heads)",
@@ -100,7 +100,7 @@ class SlimOptions:
     kv: str = "resident"
     decode_budget: int = 2048
     swap_threshold: float = 0.9
-    offload_summary: str = "mean"
+    offload_summary: str = "unitmean"
     offload_score: str = "max"
     decode_reserve: int = 256
     cuda_graphs: bool = True
@@ -215,10 +215,12 @@ def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> Sl
     sink = v["sink"]
     if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
         raise _err("sink", sink, "must be an int >= 0")
-    units_used = v["scoring"] == "tokenunit" or v["offload_summary"] == "unitmean"
-    if units_used and (v["block_size"] % v["unit_size"] != 0 or v["unit_size"] > v["block_size"]):
-        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']} (it is used by "
-                   f"scoring='tokenunit' and offload_summary='unitmean')")
+    if v["scoring"] == "tokenunit" and v["block_size"] % v["unit_size"] != 0:
+        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']} (scoring='tokenunit')")
+    # offload's unit summaries: a unit is at most a block (unit_size >= block_size means one mean key per block).
+    if (v["kv"] == "offload" and v["offload_summary"] == "unitmean" and v["unit_size"] < v["block_size"]
+            and v["block_size"] % v["unit_size"] != 0):
+        raise _err("unit_size", v["unit_size"], f"must divide block_size={v['block_size']} (offload_summary='unitmean')")
     if v["scoring"] not in SCORINGS:
         raise _err("scoring", v["scoring"], f"allowed: {list(SCORINGS)}")
     if v["pooling"] not in POOLINGS:

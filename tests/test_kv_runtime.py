@@ -74,7 +74,7 @@ def test_offload_selects_with_the_previous_or_the_current_query(monkeypatch, mod
     layer.selector.swap_threshold = 1.01  # always swap: the set is exactly the top blocks
     g = torch.Generator().manual_seed(5)
     qs = [torch.randn(1, 4, 1, 8, generator=g) for _ in range(3)]
-    top = [set(layer.selector.select(layer.selector.scores(q, layer.summaries))[0].tolist()) for q in qs]
+    top = [set(layer.selector.select(layer.selector.block_scores(q, layer.summaries))[0].tolist()) for q in qs]
     assert top[0] != top[1] and top[1] != top[2]
     chosen_by = []
     for q in qs:
