@@ -16,7 +16,6 @@ Arguments after `--` go to every `slimcompile eval` (schedules, --set, --device,
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import subprocess
 import sys
@@ -66,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(shard_dir, exist_ok=True)
     cli = [sys.executable, "-m", "slimcompile.cli", "eval", "--engine", "reference", "--quiet"]
     t0 = time.perf_counter()
-    running: list[tuple[subprocess.Popen, str]] = []
-    done, killed = [], []
+    running: list[tuple[subprocess.Popen, str, object]] = []  # (process, its JSON, its log file)
+    done: list[str] = []
     queue = list(plan)
     while queue or running:
         while queue and len(running) < args.procs:
@@ -75,30 +74,30 @@ def main(argv: list[str] | None = None) -> int:
             out = os.path.join(shard_dir, f"{task}_{L}_{seed}.json")
             log = open(out[:-5] + ".log", "w")
             cmd = cli + ["--tasks", task, "--lengths", str(L), "--samples", str(n), "--seed", str(seed), "--out", out, *extra]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out))
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, log))
         time.sleep(0.5)
-        for proc, out in list(running):
+        for item in list(running):
+            proc, out, log = item
             if proc.poll() is not None:
-                running.remove((proc, out))
-                (done if proc.returncode == 0 else killed).append(out)
-                if proc.returncode != 0:
+                running.remove(item)
+                log.close()
+                if proc.returncode == 0:
+                    done.append(out)
+                else:
                     print(f"shard failed ({proc.returncode}): {out}; see its .log", flush=True)
         if args.deadline is not None and time.perf_counter() - t0 > args.deadline:
-            for proc, out in running:
+            for proc, _, log in running:
                 proc.kill()
-                killed.append(out)
+                proc.wait()
+                log.close()
             print(f"deadline: {len(running)} shards killed, {len(queue)} not started", flush=True)
             queue, running = [], []
     print(f"{len(done)} of {len(plan)} shards finished in {time.perf_counter() - t0:.0f}s", flush=True)
     files = sorted(f for f in done if os.path.exists(f))
     if not files:
         return 1
-    merged = os.path.join(args.out, "merged.json")
-    rc = subprocess.call([sys.executable, "-m", "slimcompile.cli", "eval", "--merge", *files, "--out", merged])
-    leftover = sorted(set(glob.glob(os.path.join(shard_dir, "*.json"))) - set(files))
-    if leftover:
-        print(f"left out (killed or failed): {len(leftover)} shard files", flush=True)
-    return rc
+    return subprocess.call([sys.executable, "-m", "slimcompile.cli", "eval", "--merge", *files,
+                            "--out", os.path.join(args.out, "merged.json")])
 
 
 if __name__ == "__main__":

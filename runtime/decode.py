@@ -137,7 +137,8 @@ class StaticDecoder:
         self.fused_pre = CompiledRegion(fused_attention_inputs, regions)
         self.fused_post = CompiledRegion(fused_attention_output_and_mlp, regions)
         # Views of each layer's fused q/k/v and gate/up weights, where `slimcompile.compile` fused them.
-        self.fused = [fused_of(layer) if fuse_enabled(dev) else None for layer in model.model.layers]
+        fuse = fuse_enabled(dev)
+        self.fused = [fused_of(layer) if fuse else None for layer in model.model.layers]
 
     @property
     def cache(self) -> SlimKVCache:

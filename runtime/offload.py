@@ -170,7 +170,7 @@ def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Ten
     Scores, top-A and the swap plan: ~30 small kernels eagerly, the work the side stream does
     before its copies; compiled (`CompiledRegion`) it is a few fused ones."""
     selector = BlockSelector(n_active, swap_threshold, units, combine)
-    nxt, changed, _ = selector.plan(active, selector.select(selector.scores(q, summaries, units, combine)))
+    nxt, changed, _ = selector.plan(active, selector.select(selector.block_scores(q, summaries)))
     return nxt, changed
 
 
@@ -266,12 +266,11 @@ class OffloadedLayerKV(DecodeLayerKV):
 
     # -- selection and copies -------------------------------------------------------------------------
     def _apply(self, q: torch.Tensor, prime: bool) -> None:
+        sel = self.selector
         if prime:
-            sel = self.selector
             nxt = sel.select(sel.block_scores(q, self.summaries))
             changed = torch.ones_like(nxt, dtype=torch.bool)
         else:
-            sel = self.selector
             nxt, changed = self.plan(q, self.summaries, self.active, self.n_active, sel.swap_threshold, sel.units, sel.combine)
             self.swaps += changed.any(-1).to(torch.int64)
         row0 = self.sink

@@ -443,9 +443,11 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"prompt {key[:3]} (task, length, seed) appears in more than one file; shards must not overlap")
             rows[key] = s
     samples = sorted(rows.values(), key=lambda s: (s["length"], s["task"], s["seed"]))
+    by_cell: dict[tuple, dict[str, list[dict]]] = {}
+    for s in samples:
+        by_cell.setdefault((s["length"], s["task"]), {name: [] for name in variants})[s["variant"]].append(s)
     cells = []
-    for length, task in dict.fromkeys((s["length"], s["task"]) for s in samples):
-        by_v = {name: [s for s in samples if (s["length"], s["task"], s["variant"]) == (length, task, name)] for name in variants}
+    for (length, task), by_v in by_cell.items():
         seeds = [s["seed"] for s in by_v["full"]]
         mean_tokens = sum(s["n_tokens"] for s in by_v["full"]) / max(1, len(seeds))
         full = [s["score"] for s in by_v["full"]]
