@@ -1,13 +1,14 @@
 """Run one `slimcompile eval` as many small processes (shards of seeds per task and length), then merge.
 
-The reference engine on a 135M model is bound by Python and kernel launches, not by the GPU, so
-one GPU serves many processes at once. Each shard is `--shard-size` prompts of one (task, length)
+The reference engine on a 135M model is bound by Python and kernel launches, not by the GPU, but
+processes sharing one GPU are time-sliced: on an H200, 14 processes slowed each other to ~8 s per
+1K prompt (docs/accuracy.md, session 4), so keep `--procs` small (the default is 2). Each shard is `--shard-size` prompts of one (task, length)
 cell (seeds `s..s+k-1`; within a shard, answer depths are spread over 0-100%). Shards are queued
 round-robin over the cells, so when `--deadline` stops the run every cell has about the same
 number of prompts; shards still running then are killed and left out. The merged result
 (`slimcompile eval --merge`) has one accuracy, error bar and paired count per cell.
 
-    python bench/eval_shards.py --procs 12 --tasks passkey,needle --lengths 1K:250,2K:250,4K:100 \\
+    python bench/eval_shards.py --procs 2 --tasks passkey,needle --lengths 1K:250,2K:250,4K:100 \\
         --shard-size 25 --deadline 420 --out /tmp/eval -- --schedule '{"prune_layers":[20],"keep_ratio":0.2}'
 
 Arguments after `--` go to every `slimcompile eval` (schedules, --set, --device, --dtype ...).
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", required=True)
     p.add_argument("--lengths", required=True, help="LENGTH:SAMPLES,... e.g. 1K:250,2K:250,4K:100")
     p.add_argument("--shard-size", type=int, default=25)
-    p.add_argument("--procs", type=int, default=8)
+    p.add_argument("--procs", type=int, default=2)
     p.add_argument("--deadline", type=float, default=None, help="seconds; then unfinished shards are killed")
     p.add_argument("--out", required=True, help="folder for the shards' files and merged.json")
     args = p.parse_args(argv)
