@@ -9,7 +9,9 @@
 #   PROFILE_LENGTH=L   ttft.py also profiles one prefill per variant at length L (kernel time by category)
 #   WARM="<variants>"  then time those variants again in a second process at the first length: with the
 #                      Inductor cache the first process filled, its "first call s" is the warm-cache compile
-#   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768)
+#   SWEEP=1            time the decode attention kernel's launch parameters (bench/decode_attn_sweep.py)
+#   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768;
+#                      E2E_ARGS: more bench/e2e.py arguments, e.g. "--static-max 65536")
 # An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -21,7 +23,10 @@ if [ "${CHECK:-1}" = 1 ]; then
   python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_decode_attention.py tests/test_kv_runtime.py --tb=short 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_decode_attention.py tests/test_kv_runtime.py bench/test_scripts.py --tb=short 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
+fi
+if [ "${SWEEP:-0}" = 1 ]; then
+  python3 bench/decode_attn_sweep.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/decode_attn_sweep.log"
 fi
 if [ "${PROBE:-0}" = 1 ]; then
   for mode in ${PROBE_MODES:-flatten}; do
@@ -43,6 +48,6 @@ if [ -n "${1:-}" ]; then
   gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi
 if [ -n "${E2E:-}" ]; then
-  python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
+  python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" ${E2E_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
   gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi

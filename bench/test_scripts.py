@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,3 +90,14 @@ def test_eval_shards_merge_into_one_cell(tmp_path):
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert {c["n"] for c in merged["cells"]} == {2} and len(merged["cells"]) == 2
     assert sorted({s["seed"] for s in merged["samples"]}) == [0, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs and the Triton kernel)")
+def test_cuda_decode_attention_sweep_checks_every_config_against_the_oracle(tmp_path):
+    import decode_attn_sweep
+
+    decode_attn_sweep.main(["--capacities", "1000", "--chunks", "128,256", "--block-n", "64", "--warps", "4",
+                            "--stages", "2", "--reps", "3", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "decode_attn_sweep.jsonl")
+    assert len(rows) == 3 and sum(r["default"] for r in rows) == 1
+    assert all(r["ms"] > 0 and r["max_abs_err"] < 2e-2 for r in rows)

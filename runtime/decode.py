@@ -9,8 +9,9 @@ length is a device tensor. Grouped-query attention needs no
 
 Around attention, each layer's norms, projections, RoPE and MLP run as two Inductor-compiled
 regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared by all layers:
-fused elementwise work instead of ~40 small kernels per layer. The attention and the KV
-hooks (offload's side-stream copies) stay outside them. Where `slimcompile.compile` fused a
+fused elementwise work instead of ~40 small kernels per layer; the pre-attention region also
+stores the new k/v in the cache (no separate copy kernels). The attention and the KV hooks
+(offload's side-stream copies) stay outside them. Where `slimcompile.compile` fused a
 layer's q/k/v and gate/up weights (runtime/fused_weights.py, `SLIM_DECODE_FUSE`), the regions
 run one GEMM for q/k/v and one for gate/up.
 
@@ -31,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from slimcompile.runtime import decode_attention
 from slimcompile.runtime.fused_weights import fuse_enabled, fused_of
-from slimcompile.runtime.kv_cache import SlimKVCache
+from slimcompile.runtime.kv_cache import SlimKVCache, write_token
 from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
 
@@ -79,8 +80,10 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return o.reshape(b, 1, hq * d)
 
 
-def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Input norm, q/k/v projections and RoPE of one decoder layer for one position: q, k, v [b, H, 1, d]."""
+def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_buf: torch.Tensor, v_buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Input norm, q/k/v projections and RoPE of one decoder layer for one position; stores k and v
+    at buffer row `row` (in the compiled region, the same kernel as RoPE) and returns q [b, H, 1, d]."""
     attn = layer.self_attn
     b, hd = h.shape[0], attn.head_dim
     x = layer.input_layernorm(h)
@@ -88,7 +91,8 @@ def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
     k = attn.k_proj(x).view(b, 1, -1, hd).transpose(1, 2)
     v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    write_token(k_buf, v_buf, k, v, row)
+    return q
 
 
 def attention_output_and_mlp(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -98,13 +102,15 @@ def attention_output_and_mlp(layer: torch.nn.Module, h: torch.Tensor, o: torch.T
 
 
 def fused_attention_inputs(layer: torch.nn.Module, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, sizes: tuple[int, int, int],
-                           h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+                           h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           k_buf: torch.Tensor, v_buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """`attention_inputs` with q, k and v from one GEMM over the layer's fused weight (runtime/fused_weights.py)."""
     b, hd = h.shape[0], layer.self_attn.head_dim
     q, k, v = F.linear(layer.input_layernorm(h), qkv_w, qkv_b).split(sizes, dim=-1)
     q, k, v = (t.view(b, 1, -1, hd).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    write_token(k_buf, v_buf, k, v, row)
+    return q
 
 
 def fused_attention_output_and_mlp(layer: torch.nn.Module, gate_up_w: torch.Tensor, inter: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -112,6 +118,14 @@ def fused_attention_output_and_mlp(layer: torch.nn.Module, gate_up_w: torch.Tens
     h = h + layer.self_attn.o_proj(o)
     gate, up = F.linear(layer.post_attention_layernorm(h), gate_up_w).split([inter, inter], dim=-1)
     return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
+def dynamic_capacity(k_buf: torch.Tensor, v_buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark the buffers' row axis dynamic: layers keep different numbers of prompt rows and buffers
+    grow, and the pre-attention region that writes into them should compile once, not per capacity."""
+    for buf in (k_buf, v_buf):
+        torch._dynamo.mark_dynamic(buf, 2)
+    return k_buf, v_buf
 
 
 class StaticDecoder:
@@ -156,13 +170,13 @@ class StaticDecoder:
         for li, layer in enumerate(inner.layers):
             kv = self.cache.layers[li]
             fw = self.fused[li]
-            if fw is None:
-                q, k, v = self.pre(layer, h, cos, sin)
-            else:
-                q, k, v = self.fused_pre(layer, fw.qkv, fw.qkv_bias, fw.qkv_sizes, h, cos, sin)
             row = self.bases[li : li + 1] + self.step_no
+            bufs = dynamic_capacity(kv.k_buf, kv.v_buf)
+            if fw is None:
+                q = self.pre(layer, h, cos, sin, *bufs, row)
+            else:
+                q = self.fused_pre(layer, fw.qkv, fw.qkv_bias, fw.qkv_sizes, h, cos, sin, *bufs, row)
             kv.before_attention(q)
-            kv.write(k, v, row)
             o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, layer.self_attn.scaling)
             kv.after_attention(q)
             h = self.post(layer, h, o) if fw is None else self.fused_post(layer, fw.gate_up, fw.inter, h, o)

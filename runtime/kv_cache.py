@@ -37,6 +37,14 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def write_token(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor) -> None:
+    """Store one token's k/v ([b, Hkv, 1, d]) in place at row `row` (a [1] device tensor) of the
+    buffers. The decode step calls it inside its compiled pre-attention region, where Inductor
+    folds the two stores into the RoPE kernel instead of launching two copy kernels per layer."""
+    k_buf.index_copy_(2, row, k)
+    v_buf.index_copy_(2, row, v)
+
+
 class DecodeLayerKV(CacheLayerMixin):
     """Interface of a layer's decode-time KV: append a token in place, expose what attention reads."""
 
@@ -71,8 +79,7 @@ class DecodeLayerKV(CacheLayerMixin):
 
     def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Store one token's k/v ([b, Hkv, 1, d]) at buffer row `index` (a [1] device tensor)."""
-        self.k_buf.index_copy_(2, index, k)
-        self.v_buf.index_copy_(2, index, v)
+        write_token(self.k_buf, self.v_buf, k, v, index)
 
     # Hooks around attention in the decode step; `OffloadedLayerKV` loads and prefetches blocks there.
     def before_attention(self, q: torch.Tensor) -> None:
