@@ -69,8 +69,12 @@ def main() -> int:
         # reductions on size classes (e.g. a `s <= 4096` guard on the CPU), which is not the
         # per-length recompile this checks. (4000 -> 5000 compiled twice on the H200 in session 3,
         # most likely for that reason: the guard was not logged there; on the CPU it is that guard.)
+        from slimcompile.backend import COMPILATIONS
+
         y = torch.randint(0, 1024, (1, 9000), device="cuda")
+        before = len(COMPILATIONS)
         out_y = fast(y, use_cache=True, logits_to_keep=1)
+        new_compiles = len(COMPILATIONS) - before
         err_y = (out_y.logits - reference.prefill(model, y, schedule).logits).abs().max().item()
         check("schedule logits == reference at a second length", err_y < 2e-3, f"max|diff|={err_y:.2e}")
         torch.cuda.synchronize()
@@ -83,10 +87,10 @@ def main() -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         check("no host sync in the compiled prefill", synced is None, synced or "")
-        from slimcompile.backend import COMPILATIONS
-
-        prefill = [c for c in COMPILATIONS if c.context.layer_map and not c.context.layer_map.has_past]
-        check("one compilation for two lengths", len(prefill) == 2, f"(1 enabled=False + 1 schedule) got {len(prefill)}")
+        # Counted as backend calls made by the second length: the first length's calls are not one
+        # per compilation (Dynamo restarts the analysis once to specialise a float, and a padded-mask
+        # graph compiles an exact variant too), so "total == 2" was the wrong check (sessions 3-5).
+        check("no recompilation for a second length", new_compiles == 0, f"{new_compiles} backend call(s) for 9000 tokens")
         torch._dynamo.reset()
 
     z = torch.randint(0, 1024, (1, 3000), device="cuda")
