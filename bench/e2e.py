@@ -60,7 +60,9 @@ def _kv_bytes(cache) -> dict[str, int]:
 
     if isinstance(cache, SlimKVCache):
         b = cache.bytes()
-        return {"gpu_kv": b.gpu, "host_kv": b.host, "gpu_prompt_kv": cache.prompt_bytes_on_device()}
+        dec = cache.decoder
+        graphs = {"decode_steps": dec.steps, "graph_captures": dec.captures, "graph_replays": dec.replays} if dec else {}
+        return {"gpu_kv": b.gpu, "host_kv": b.host, "gpu_prompt_kv": cache.prompt_bytes_on_device(), **graphs}
     gpu = host = 0
     for layer in cache.layers:
         for t in (layer.keys, layer.values):

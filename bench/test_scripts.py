@@ -31,6 +31,8 @@ def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
     unpruned = rows["hf-eager"]["host_kv"]  # on the CPU every buffer is "host"
     assert rows["slim-resident"]["gpu_prompt_kv"] < unpruned  # pruned after layer 0
     assert rows["slim-offload"]["host_kv"] > 0 and rows["slim-offload"]["gpu_prompt_kv"] < rows["slim-resident"]["gpu_prompt_kv"]
+    # 3 new tokens = the prefill's + 2 decode steps; no CUDA graphs on the CPU
+    assert (rows["slim-resident"]["decode_steps"], rows["slim-resident"]["graph_captures"], rows["slim-resident"]["graph_replays"]) == (2, 0, 0)
 
 
 def test_ttft_script_runs(tmp_path):

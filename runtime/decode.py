@@ -145,6 +145,8 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
+        self.captures = 0  # graphs recorded; with `replays`, tells a benchmark whether decode ran as graphs
+        self.replays = 0
         regions = compile_regions(dev)
         self.pre = CompiledRegion(attention_inputs, regions)
         self.post = CompiledRegion(attention_output_and_mlp, regions)
@@ -203,8 +205,10 @@ class StaticDecoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward()
+            self.captures += 1
         else:
             self.graph.replay()
+            self.replays += 1
             out = self.logits
         self.steps += 1
         self.cache.advance()
