@@ -169,17 +169,20 @@ class StaticDecoder:
         b = h.shape[0]
         pos = (self.step_no + self.cache.prompt_len).view(1, 1).expand(b, 1)
         cos, sin = inner.rotary_emb(h, pos)
+        # Every layer's write row and valid length in two kernels per step, not two per layer.
+        rows = self.bases + self.step_no
+        lengths = rows + 1
         for li, layer in enumerate(inner.layers):
             kv = self.cache.layers[li]
             fw = self.fused[li]
-            row = self.bases[li : li + 1] + self.step_no
+            row = rows[li : li + 1]
             bufs = dynamic_capacity(kv.k_buf, kv.v_buf)
             if fw is None:
                 q = self.pre(layer, h, cos, sin, *bufs, row)
             else:
                 q = self.fused_pre(layer, fw.qkv, fw.qkv_bias, fw.qkv_sizes, h, cos, sin, *bufs, row)
             kv.before_attention(q)
-            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, row + 1, layer.self_attn.scaling)
+            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, lengths[li : li + 1], layer.self_attn.scaling)
             kv.after_attention(q)
             h = self.post(layer, h, o) if fw is None else self.fused_post(layer, fw.gate_up, fw.inter, h, o)
         for kv in self.cache.layers:
