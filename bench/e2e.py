@@ -12,7 +12,8 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   slim-offload-p<N>     slim-offload with SLIM_COPY_PROGRAMS=N (the block-copy kernel on N programs)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
-and for slim the prompt KV kept on the GPU. For each slim variant it also profiles a few decode steps
+and for slim the prompt KV kept on the GPU and the decoder's step / CUDA-graph capture / replay counts
+(a slow decode with few replays ran eagerly or re-recorded its graph). For each slim variant it also profiles a few decode steps
 (the kernels that take the most GPU time per step; for slim-offload also how much of the
 block-copy kernels' time overlaps other kernels, trace in OUT).
 Rows go to OUT/e2e.jsonl as they are measured.
