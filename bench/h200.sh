@@ -12,6 +12,8 @@
 #   SWEEP=1            time the decode attention kernel's launch parameters (bench/decode_attn_sweep.py)
 #   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768;
 #                      E2E_ARGS: more bench/e2e.py arguments, e.g. "--static-max 65536")
+#   PACK=1             at the end, pack everything under $OUT into $OUT/all.tgz and delete the rest
+#                      (the device returns only a few files per call)
 # An empty ttft variant list skips bench/ttft.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -50,4 +52,7 @@ fi
 if [ -n "${E2E:-}" ]; then
   python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" ${E2E_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
   gzip -f "$OUT"/*_trace.json 2>/dev/null
+fi
+if [ "${PACK:-0}" = 1 ]; then
+  tar -czf /tmp/h200_all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/h200_all.tgz "$OUT/all.tgz"
 fi
