@@ -4,8 +4,8 @@ Times `triton_decode_attention` at the LLaMA-3.1-8B shape (batch 1, 8 kv heads o
 head dim 128, bf16) for one decode position over a full buffer of each capacity, for every
 combination of rows per split (CHUNK), keys per `tl.dot` (BLOCK_N), warps and pipeline stages,
 checks each result against the fp32 oracle, and reports the achieved KV read bandwidth. The
-default configuration (`split_config`, BLOCK_N 64, 4 warps, 2 stages) is the first row per
-capacity. Rows go to OUT/decode_attn_sweep.jsonl.
+kernel's current defaults (`split_config`'s CHUNK and `BLOCK_N`, `NUM_WARPS`, `NUM_STAGES`) are the
+first row per capacity. Rows go to OUT/decode_attn_sweep.jsonl.
 
     python bench/decode_attn_sweep.py --out /tmp/sweep                     # H200
 """
@@ -47,7 +47,8 @@ def time_call(fn, reps: int, per_graph: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slimcompile.runtime.decode_attention import reference_decode_attention, split_config, triton_decode_attention
+    from slimcompile.runtime.decode_attention import (BLOCK_N, NUM_STAGES, NUM_WARPS, reference_decode_attention,
+                                                      split_config, triton_decode_attention)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--capacities", default="33024,16640", help="buffer rows (32K and 16K prompts + 256 generated)")
@@ -70,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             n = torch.tensor([cap], device=dev)
             ref = reference_decode_attention(q, k, v, n, 0.088)
             kv_bytes = 2 * k.numel() * k.element_size()
-            default_chunk, _ = split_config(cap, 8, dev)
-            configs = [(default_chunk, 64, 4, 2)] + list(itertools.product(ints(args.chunks), ints(args.block_n), ints(args.warps), ints(args.stages)))
+            default = (split_config(cap, 8, dev)[0], BLOCK_N, NUM_WARPS, NUM_STAGES)
+            grid = itertools.product(ints(args.chunks), ints(args.block_n), ints(args.warps), ints(args.stages))
+            configs = [default] + [c for c in grid if c != default]
+            rows = []
             for chunk, bn, w, st in configs:
                 row = {"capacity": cap, "chunk": chunk, "block_n": bn, "warps": w, "stages": st,
-                       "default": (chunk, bn, w, st) == (default_chunk, 64, 4, 2)}
+                       "default": (chunk, bn, w, st) == default}
                 if chunk % bn:
                     continue
                 try:
@@ -84,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(ms=ms, tb_per_s=kv_bytes / ms / 1e9, max_abs_err=err)
                 except Exception as e:  # e.g. out of shared memory for a large tile: skip the config
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-            rows = [json.loads(line) for line in open(f.name) if json.loads(line)["capacity"] == cap]
             ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
             dflt = next(r for r in rows if r["default"])
             print(f"capacity {cap}: default {dflt['ms']:.4f} ms ({dflt['tb_per_s']:.2f} TB/s); best:", flush=True)

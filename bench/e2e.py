@@ -61,9 +61,7 @@ def _kv_bytes(cache) -> dict[str, int]:
 
     if isinstance(cache, SlimKVCache):
         b = cache.bytes()
-        dec = cache.decoder
-        graphs = {"decode_steps": dec.steps, "graph_captures": dec.captures, "graph_replays": dec.replays} if dec else {}
-        return {"gpu_kv": b.gpu, "host_kv": b.host, "gpu_prompt_kv": cache.prompt_bytes_on_device(), **graphs}
+        return {"gpu_kv": b.gpu, "host_kv": b.host, "gpu_prompt_kv": cache.prompt_bytes_on_device()}
     gpu = host = 0
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
@@ -75,6 +73,12 @@ def _kv_bytes(cache) -> dict[str, int]:
             else:
                 host += n
     return {"gpu_kv": gpu, "host_kv": host}
+
+
+def _decoder_counts(cache) -> dict[str, int]:
+    """Decode steps, CUDA graphs recorded and replays of the slim runtime decoder, if one ran."""
+    dec = getattr(cache, "decoder", None)
+    return {"decode_steps": dec.steps, "graph_captures": dec.captures, "graph_replays": dec.replays} if dec else {}
 
 
 def _cache_kwargs(name: str, model, length: int, new: int) -> dict:
@@ -169,7 +173,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
             row = {"variant": name, "length": L, "new": new, "ttft_ms": ttft, "e2e_ms": e2e,
                    "decode_ms_per_token": (e2e - ttft) / (new - 1), "warmup_s": warm_s,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
-                   **_kv_bytes(out.past_key_values)}
+                   **_kv_bytes(out.past_key_values), **_decoder_counts(out.past_key_values)}
             if name.startswith("slim") and args.device == "cuda" and L == lengths[0]:
                 try:
                     row["profile"] = profile_decode_steps(name, out.past_key_values, out.sequences[:, -1:], args.out)

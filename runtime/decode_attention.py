@@ -128,7 +128,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_config(capacity: int, programs: int, device: torch.device, block_n: int = 128) -> tuple[int, int]:
+# Launch defaults, from the session-5 sweep on an H200 (bench/decode_attn_sweep.py, bench/RESULTS.md).
+BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 4, 2
+
+
+def split_config(capacity: int, programs: int, device: torch.device, block_n: int = BLOCK_N) -> tuple[int, int]:
     """(CHUNK, n_split): chunks of a power-of-two number of rows, about 2 programs per SM in all (bench/RESULTS.md, session 5 sweep)."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
     chunk = next_pow2(max(1, -(-capacity * programs // (2 * sms))))
@@ -138,7 +142,7 @@ def split_config(capacity: int, programs: int, device: torch.device, block_n: in
 
 def triton_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor, scale: float,
-    block_n: int = 128, chunk: int | None = None, num_warps: int = 4, num_stages: int = 2,
+    block_n: int = BLOCK_N, chunk: int | None = None, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Split-K decode attention (see the module docstring); same contract as `reference_decode_attention`."""
     if not HAS_TRITON:

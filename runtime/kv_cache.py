@@ -46,7 +46,7 @@ def write_token(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: to
 
 
 class DecodeLayerKV(CacheLayerMixin):
-    """Interface of a layer's decode-time KV: append a token in place, expose what attention reads."""
+    """Interface of a layer's decode-time KV: static buffers the decode step writes in place (`write_token`), and what attention reads."""
 
     is_compileable = False
     supports_early_init = False
@@ -76,10 +76,6 @@ class DecodeLayerKV(CacheLayerMixin):
         Every layout keeps its held rows first and its spare rows last, so the decode step attends
         over the prefix [0, write_index] once the new token is written there."""
         raise NotImplementedError
-
-    def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        """Store one token's k/v ([b, Hkv, 1, d]) at buffer row `index` (a [1] device tensor)."""
-        write_token(self.k_buf, self.v_buf, k, v, index)
 
     # Hooks around attention in the decode step; `OffloadedLayerKV` loads and prefetches blocks there.
     def before_attention(self, q: torch.Tensor) -> None:

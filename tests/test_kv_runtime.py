@@ -10,7 +10,7 @@ import slimcompile
 from slimcompile import reference
 from slimcompile.options import SlimOptionError, parse_options
 from slimcompile.runtime.block_copy import HAS_TRITON, copy_blocks, copy_blocks_torch
-from slimcompile.runtime.kv_cache import ResidentLayerKV, SlimKVCache
+from slimcompile.runtime.kv_cache import ResidentLayerKV, SlimKVCache, write_token
 from slimcompile.runtime.offload import BlockSelector, OffloadedLayerKV
 
 from slimtest import PASS_BACKEND, SMALL, ids, tiny
@@ -32,7 +32,7 @@ def test_resident_layer_appends_in_place_and_counts_bytes():
     storage = layer.k_buf.data_ptr()
     nk, nv = torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0)
     row = torch.tensor([layer.write_index()])
-    layer.write(nk, nv, row)
+    write_token(layer.k_buf, layer.v_buf, nk, nv, row)
     layer.advance()
     assert layer.k_buf.data_ptr() == storage  # no reallocation
     torch.testing.assert_close(layer.keys[:, :, :10], k, rtol=0, atol=0)
