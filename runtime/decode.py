@@ -10,7 +10,7 @@ length is a device tensor. Grouped-query attention needs no
 Around attention, each layer's norms, projections, RoPE and MLP run as two Inductor-compiled
 regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared by all layers:
 fused elementwise work instead of ~40 small kernels per layer; the pre-attention region also
-stores the new k/v in the cache (no separate copy kernels). The attention and the KV hooks
+stores the new k/v in the cache (Inductor fuses k's store into the RoPE kernel). The attention and the KV hooks
 (offload's side-stream copies) stay outside them. Where `slimcompile.compile` fused a
 layer's q/k/v and gate/up weights (runtime/fused_weights.py, `SLIM_DECODE_FUSE`), the regions
 run one GEMM for q/k/v and one for gate/up.
@@ -83,7 +83,7 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 def attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_buf: torch.Tensor, v_buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """Input norm, q/k/v projections and RoPE of one decoder layer for one position; stores k and v
-    at buffer row `row` (in the compiled region, the same kernel as RoPE) and returns q [b, H, 1, d]."""
+    at buffer row `row` (in the compiled region, inside Inductor's kernels) and returns q [b, H, 1, d]."""
     attn = layer.self_attn
     b, hd = h.shape[0], attn.head_dim
     x = layer.input_layernorm(h)

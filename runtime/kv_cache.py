@@ -40,7 +40,8 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 def write_token(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor) -> None:
     """Store one token's k/v ([b, Hkv, 1, d]) in place at row `row` (a [1] device tensor) of the
     buffers. The decode step calls it inside its compiled pre-attention region, where Inductor
-    folds the two stores into the RoPE kernel instead of launching two copy kernels per layer."""
+    fuses k's store into the RoPE kernel and v's into one small kernel (one kernel per layer fewer
+    than two separate `index_copy` launches; session-5 trace)."""
     k_buf.index_copy_(2, row, k)
     v_buf.index_copy_(2, row, v)
 
