@@ -13,7 +13,12 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
 and for slim the prompt KV kept on the GPU and the decoder's step / CUDA-graph capture / replay counts
-(a slow decode with few replays ran eagerly or re-recorded its graph). For each slim variant it also profiles a few decode steps
+(a slow decode with few replays ran eagerly or re-recorded its graph). Every variant is warmed up
+once per process with a full generation at the first length (hf-static-compiled: at every length,
+it compiles per length). For the warm-up and the timed generation a row also gives per-token times
+(median, max, the tokens slower than 3x the median and their excess) and what was compiled inside
+the window (Dynamo graphs, Inductor cache misses, new Triton cache entries), so time spent outside
+the steady-state step shows where it went. For each slim variant it also profiles a few decode steps
 (the kernels that take the most GPU time per step; for slim-offload also how much of the
 block-copy kernels' time overlaps other kernels, trace in OUT).
 Rows go to OUT/e2e.jsonl as they are measured.
@@ -25,8 +30,10 @@ Rows go to OUT/e2e.jsonl as they are measured.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -47,7 +54,59 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_generate(model, x, new, device, **kw) -> tuple[float, Any]:
+class TokenClock:
+    """A stopping criterion that never stops and stamps the host clock at each generated token.
+
+    On CUDA transformers' loop reads its stop flag every step (a device synchronisation; it defers
+    that only on MPS), so the gaps between stamps are per-token times including the GPU's work.
+    Gap i is decode step i (the first stamp follows the prefill).
+    """
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self._never: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        if self._never is None or self._never.shape[0] != input_ids.shape[0]:
+            self._never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._never
+
+    def summary(self, prefix: str = "") -> dict[str, Any]:
+        gaps = [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+        if not gaps:
+            return {}
+        med = statistics.median(gaps)
+        slow = [i for i, g in enumerate(gaps) if g > 3 * med]
+        return {f"{prefix}step_ms_median": med, f"{prefix}step_ms_max": max(gaps),
+                f"{prefix}slow_steps": len(slow), f"{prefix}slow_excess_ms": sum(gaps[i] - med for i in slow),
+                f"{prefix}slow_step_index": slow[:8]}
+
+
+def _triton_cache_entries() -> int:
+    d = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return len(os.listdir(d)) if os.path.isdir(d) else 0
+
+
+def _compile_marks() -> dict[str, int]:
+    """Running totals of compile work: Dynamo graphs, Inductor FX-graph cache misses, Triton cache entries."""
+    from torch._dynamo.utils import counters
+
+    return {"dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+            "inductor_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
+            "triton_cache_new": _triton_cache_entries()}
+
+
+def _compiled_since(marks: dict[str, int], prefix: str = "") -> dict[str, int]:
+    now = _compile_marks()
+    return {f"{prefix}{k}": now[k] - marks[k] for k in marks}
+
+
+def _timed_generate(model, x, new, device, clock: TokenClock | None = None, **kw) -> tuple[float, Any]:
+    from transformers import StoppingCriteriaList
+
+    if clock is not None:
+        kw["stopping_criteria"] = StoppingCriteriaList([clock])
     _sync(device)
     t0 = time.perf_counter()
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
@@ -160,20 +219,26 @@ def run_variant(name: str, model, lengths, args, f) -> None:
             if (name == "hf-offload" and L > args.offload_max) or (name == "hf-static-compiled" and L > args.static_max):
                 continue
             x = torch.randint(0, model.config.vocab_size, (1, L), device=args.device)
+            started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            warm: dict[str, Any] = {}
             t0 = time.perf_counter()
-            if i == 0 or name == "hf-static-compiled":  # warm-up: compiles (static cache: per length)
-                _timed_generate(model, x, new if name == "hf-static-compiled" else 2, args.device,
-                                **_cache_kwargs(name, model, L, new))
+            if i == 0 or name == "hf-static-compiled":  # warm-up: the same generation (static cache: per length)
+                marks, clock = _compile_marks(), TokenClock()
+                _timed_generate(model, x, new, args.device, clock, **_cache_kwargs(name, model, L, new))
+                warm = {**clock.summary("warmup_"), **_compiled_since(marks, "warmup_")}
             warm_s = time.perf_counter() - t0
+            marks = _compile_marks()
             ttft, _ = _timed_generate(model, x, 1, args.device, **_cache_kwargs(name, model, L, new))
             if args.device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            e2e, out = _timed_generate(model, x, new, args.device, **_cache_kwargs(name, model, L, new))
+            clock = TokenClock()
+            e2e, out = _timed_generate(model, x, new, args.device, clock, **_cache_kwargs(name, model, L, new))
             row = {"variant": name, "length": L, "new": new, "ttft_ms": ttft, "e2e_ms": e2e,
                    "decode_ms_per_token": (e2e - ttft) / (new - 1), "warmup_s": warm_s,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
-                   **_kv_bytes(out.past_key_values), **_decoder_counts(out.past_key_values)}
+                   **_kv_bytes(out.past_key_values), **_decoder_counts(out.past_key_values),
+                   **clock.summary(), **_compiled_since(marks), **warm, "started_utc": started}
             if name.startswith("slim") and args.device == "cuda" and L == lengths[0]:
                 try:
                     row["profile"] = profile_decode_steps(name, out.past_key_values, out.sequences[:, -1:], args.out)

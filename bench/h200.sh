@@ -11,15 +11,24 @@
 #                      Inductor cache the first process filled, its "first call s" is the warm-cache compile
 #   SWEEP=1            time the decode attention kernel's launch parameters (bench/decode_attn_sweep.py)
 #   E2E="<variants>"   afterwards run bench/e2e.py on those variants (E2E_LENGTHS, default 32768;
-#                      E2E_ARGS: more bench/e2e.py arguments, e.g. "--static-max 65536")
+#                      E2E_ARGS: more bench/e2e.py arguments, e.g. "--static-max 65536"; E2E_TIMEOUT: seconds
+#                      after which e2e.py is stopped, so that PACK still runs inside the device call's limit)
 #   PACK=1             at the end, pack everything under $OUT into $OUT/all.tgz and delete the rest
 #                      (the device returns only a few files per call)
 # An empty ttft variant list skips bench/ttft.py.
+# Throughout, nvidia-smi samples SM/memory clocks, power, temperature and utilisation twice a second
+# into $OUT/smi.csv (UTC timestamps; e2e.py rows carry their start time to line up with it).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+SMI_PID=
+if command -v nvidia-smi >/dev/null 2>&1; then
+  TZ=UTC nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
+    --format=csv,nounits -lms 500 >"$OUT/smi.csv" 2>/dev/null &
+  SMI_PID=$!
+fi
 python3 -c 'import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())' | tee "$OUT/versions.txt"
 if [ "${CHECK:-1}" = 1 ]; then
   python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
@@ -50,9 +59,10 @@ if [ -n "${1:-}" ]; then
   gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi
 if [ -n "${E2E:-}" ]; then
-  python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" ${E2E_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
+  timeout "${E2E_TIMEOUT:-86400}" python3 bench/e2e.py --out "$OUT" --variants "$E2E" --lengths "${E2E_LENGTHS:-32768}" ${E2E_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/e2e.log"
   gzip -f "$OUT"/*_trace.json 2>/dev/null
 fi
+[ -n "$SMI_PID" ] && kill "$SMI_PID" 2>/dev/null
 if [ "${PACK:-0}" = 1 ]; then
   tar -czf /tmp/h200_all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/h200_all.tgz "$OUT/all.tgz"
 fi

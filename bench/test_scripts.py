@@ -33,6 +33,20 @@ def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
     assert rows["slim-offload"]["host_kv"] > 0 and rows["slim-offload"]["gpu_prompt_kv"] < rows["slim-resident"]["gpu_prompt_kv"]
     # 3 new tokens = the prefill's + 2 decode steps; no CUDA graphs on the CPU
     assert (rows["slim-resident"]["decode_steps"], rows["slim-resident"]["graph_captures"], rows["slim-resident"]["graph_replays"]) == (2, 0, 0)
+    # The warm-up compiled the slim prefill; the timed generation after it compiled nothing.
+    slim = rows["slim-resident"]
+    assert slim["warmup_dynamo_graphs"] >= 1 and slim["dynamo_graphs"] == 0 and slim["inductor_cache_misses"] == 0
+    assert slim["step_ms_median"] > 0 and slim["step_ms_max"] >= slim["step_ms_median"]
+
+
+def test_token_clock_finds_slow_steps():
+    import e2e
+
+    clock = e2e.TokenClock()
+    clock.stamps = [0.0, 0.010, 0.020, 0.080, 0.090, 0.100]  # gaps 10, 10, 60, 10, 10 ms
+    s = clock.summary()
+    assert s["step_ms_median"] == pytest.approx(10.0) and s["slow_steps"] == 1 and s["slow_step_index"] == [2]
+    assert s["slow_excess_ms"] == pytest.approx(50.0)
 
 
 def test_ttft_script_runs(tmp_path):
