@@ -15,7 +15,9 @@ token from 23.8 to 10.1 ms, the attention reading the KV at ~2.9 TB/s (session 3
    per-split row max, sum-exp and unnormalised output (fp32). Chunks past n exit at once.
 2. `_decode_combine_kernel`, grid (G, b*Hkv): merges the splits -> the output row.
 Logits are in the log2 domain (exp2). The number of splits depends on C (the capacity, fixed
-between buffer growths), never on n. The torch path (`reference_decode_attention`) is the
+between buffer growths), never on n. CHUNK and the split count are runtime arguments, not
+constexprs, so a new prompt length (a new capacity) reuses the compiled kernels instead of
+JIT-compiling new ones inside the first generation at that length (bench/RESULTS.md, session 6). The torch path (`reference_decode_attention`) is the
 oracle; under TRITON_INTERPRET=1 the kernels run on the CPU for the tests, with bf16 operands
 widened to fp32 first (the interpreter's bf16 `tl.dot` is wrong; products are exact in fp32).
 """
@@ -42,12 +44,12 @@ def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["CHUNK", "N_SPLIT"])  # no per-value variants (e.g. a count divisible by 16)
     def _decode_partial_kernel(
-        Q, K, V, N, PO, PM, PL, qk_scale, H,
+        Q, K, V, N, PO, PM, PL, qk_scale, H, CHUNK, N_SPLIT,
         sqb, sqh, sqg, skb, skh, skc, svb, svh, svc,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, N_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         split = tl.program_id(0)
         bh = tl.program_id(1)
@@ -94,29 +96,33 @@ if HAS_TRITON:
         tl.store(PL + row, l_i, mask=rg < G)
         tl.store(PO + row[:, None] * D + rd[None, :], acc, mask=gd_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N_SPLIT"])
     def _decode_combine_kernel(
-        PO, PM, PL, O, H, sob, soh, sog,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+        PO, PM, PL, O, H, N_SPLIT, sob, soh, sog,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         g = tl.program_id(0)
         bh = tl.program_id(1)
         rs = tl.arange(0, BLOCK_S)
         rd = tl.arange(0, BLOCK_D)
         m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, N_SPLIT, BLOCK_S):
+        s0 = 0
+        while s0 < N_SPLIT:  # while loops: N_SPLIT is a runtime value (also under the interpreter)
             m = tl.load(PM + (bh * N_SPLIT + s0 + rs) * G + g, mask=s0 + rs < N_SPLIT, other=float("-inf"))
             m_max = tl.maximum(m_max, m)
+            s0 += BLOCK_S
         big = tl.max(m_max, 0)  # finite: split 0 always holds row 0
         l_sum = tl.zeros([BLOCK_S], tl.float32)
         o_sum = tl.zeros([BLOCK_D], tl.float32)
-        for s0 in range(0, N_SPLIT, BLOCK_S):
+        s0 = 0
+        while s0 < N_SPLIT:
             rows = (bh * N_SPLIT + s0 + rs) * G + g
             ok = s0 + rs < N_SPLIT
             w = tl.exp2(tl.load(PM + rows, mask=ok, other=float("-inf")) - big)
             l_sum += w * tl.load(PL + rows, mask=ok, other=0.0)
             po = tl.load(PO + rows[:, None] * D + rd[None, :], mask=ok[:, None] & (rd[None, :] < D), other=0.0)
             o_sum += tl.sum(w[:, None] * po, 0)
+            s0 += BLOCK_S
         out = o_sum / tl.sum(l_sum, 0)
         b = bh // H
         h = bh % H
@@ -166,14 +172,14 @@ def triton_decode_attention(
     pm = torch.empty(b * hkv * n_split * g, **f32)
     pl = torch.empty(b * hkv * n_split * g, **f32)
     _decode_partial_kernel[(n_split, b * hkv)](
-        q, k, v, n, po, pm, pl, float(scale) * LOG2E, hkv,
+        q, k, v, n, po, pm, pl, float(scale) * LOG2E, hkv, chunk, n_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, N_SPLIT=n_split, DOT_F32=dot_f32,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, DOT_F32=dot_f32,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(b, hkv, g, d, device=q.device, dtype=q.dtype)
     _decode_combine_kernel[(g, b * hkv)](
-        po, pm, pl, out, hkv, out.stride(0), out.stride(1), out.stride(2),
-        G=g, D=d, BLOCK_D=block_d, N_SPLIT=n_split, BLOCK_S=min(16, next_pow2(n_split)), num_warps=4,
+        po, pm, pl, out, hkv, n_split, out.stride(0), out.stride(1), out.stride(2),
+        G=g, D=d, BLOCK_D=block_d, BLOCK_S=min(16, next_pow2(n_split)), num_warps=4,
     )
     return out

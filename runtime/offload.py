@@ -21,7 +21,8 @@ Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the 
   (the others stay where they are), and only those slots are copied in.
 Everything is computed on the device, so there is no host synchronisation and the step can be
 replayed as a CUDA graph. A step's selection (`plan_next_active`) runs as one Inductor-compiled
-region on CUDA (`SLIM_DECODE_COMPILE`, runtime/regions.py): eagerly it was ~1400 tiny kernels per
+region on CUDA (`SLIM_DECODE_COMPILE`, runtime/regions.py), compiled once for all layers and prompt
+lengths (the number of blocks is a dynamic size): eagerly it was ~1400 tiny kernels per
 step on the side stream, as long as the block copies themselves (bench/RESULTS.md, session 3).
 
 Timing (`OffloadedLayerKV.after_attention`): the first decode step selects with its own query before
@@ -242,6 +243,9 @@ class OffloadedLayerKV(DecodeLayerKV):
             self.summaries = blocks_k.float().reshape(b, h, n * units, block_size // units, d).mean(dim=3).to(keys.dtype)
         else:  # "mean": [b, h, n, d]
             self.summaries = blocks_k.float().mean(dim=3).to(keys.dtype)
+        # The block axis is a dynamic size of the compiled selection: layers (pruned or not) and
+        # prompt lengths have different numbers of blocks, and each would otherwise compile anew.
+        torch._dynamo.maybe_mark_dynamic(self.summaries, self.summaries.dim() - 2)
         self.selector = BlockSelector(A, swap_threshold, units, combine)
         self.plan = _plan_region(dev)
         self.select_mode = select_mode()

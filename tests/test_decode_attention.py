@@ -96,5 +96,27 @@ def test_cuda_matches_oracle_and_replays_in_a_graph(dtype):
         torch.testing.assert_close(out, da.reference_decode_attention(q, k, v, n, 0.088), **TOL[c["dtype"]])
 
 
+def _variants(kernel) -> int:
+    """Compiled specialisations of a Triton kernel, over devices (triton 3.x: `device_caches`)."""
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_new_capacities_reuse_the_compiled_kernels():
+    """Prompt lengths change the capacity, hence CHUNK and the split count: runtime arguments, so
+    a new length launches the kernels already compiled instead of JIT-compiling new ones."""
+    from slimcompile.runtime import decode_attention as da
+
+    seen = None
+    for C in (16640, 32768, 33024, 50000, 65792):  # chunks 512 / 1024 / 2048, 25 to 33 splits on an H200
+        c = dict(id="cuda", b=1, h=8, G=4, d=128, C=C, n=C - 100, dtype="bfloat16")
+        q, k, v, n = _inputs(c, "cuda")
+        torch.testing.assert_close(da.triton_decode_attention(q, k, v, n, 0.088), da.reference_decode_attention(q, k, v, n, 0.088), **TOL["bfloat16"])
+        counts = (_variants(da._decode_partial_kernel), _variants(da._decode_combine_kernel))
+        assert seen is None or counts == seen, (C, counts, seen)
+        seen = counts
+
+
 if __name__ == "__main__" and "--interpret" in sys.argv:
     print("RESULTS " + json.dumps([_run_case(c) for c in CASES]))

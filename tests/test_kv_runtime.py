@@ -403,6 +403,27 @@ def test_compiled_decode_regions_match_eager_and_compile_once(monkeypatch, kv):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kv", ["resident", "offload"])
+def test_a_new_prompt_length_compiles_nothing_new(monkeypatch, kv):
+    """Serving many prompt lengths: the prefill graph is dynamic, the decode regions take the
+    buffers' capacity and offload's number of blocks as dynamic sizes, so a second length reuses
+    every compiled graph (no compile inside that generation, no march towards the recompile limit)."""
+    torch._dynamo.reset()
+    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
+    model = tiny("llama", 2, seed=3)
+    slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, prune_layers=[1], keep_ratio=0.5, kv=kv,
+                        decode_budget=16, decode_reserve=3)
+    counts = []
+    for length in (300, 420, 520):
+        x = ids(length)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+        if kv == "offload":
+            assert {l.n_blocks for l in out.past_key_values.layers if not l.all_resident} != set()
+    assert counts[0] >= 1 and counts[1:] == [0, 0], counts
+
+
 def test_decode_region_falls_back_to_eager_with_a_warning(monkeypatch):
     from slimcompile.runtime import regions
 
