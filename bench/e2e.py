@@ -229,7 +229,8 @@ def run_variant(name: str, model, lengths, args, f) -> None:
                 warm = {**clock.summary("warmup_"), **_compiled_since(marks, "warmup_")}
             warm_s = time.perf_counter() - t0
             marks = _compile_marks()
-            ttft, _ = _timed_generate(model, x, 1, args.device, **_cache_kwargs(name, model, L, new))
+            ttft, first = _timed_generate(model, x, 1, args.device, **_cache_kwargs(name, model, L, new))
+            del first  # a finished request's cache is released (offload's pinned buffers go back to their pool)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
