@@ -39,7 +39,7 @@ def copy_blocks_torch(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tens
     blocks = src[torch.arange(b, device=src.device)[:, None], :, idx]  # [b, A, h, B, d]
     blocks = blocks.permute(0, 2, 1, 3, 4).reshape(b, h, A * B, d).to(dst.device, non_blocking=True)
     region = dst[:, :, row0 : row0 + A * B]
-    keep = changed.to(dst.device)[:, None, :, None, None].expand(b, 1, A, B, 1).reshape(b, 1, A * B, 1)
+    keep = changed.to(device=dst.device, dtype=torch.bool)[:, None, :, None, None].expand(b, 1, A, B, 1).reshape(b, 1, A * B, 1)
     region.copy_(torch.where(keep, blocks, region))
 
 

@@ -112,12 +112,14 @@ class BlockSelector:
         """
         b, hq, _, d = q.shape
         hkv = summaries.shape[-3]
-        qg = q.reshape(b, hkv, hq // hkv, d).float()
+        qg = q.reshape(b, hkv, hq // hkv, 1, d).float()
+        # Products and sums in fp32 as a broadcast multiply-and-sum, not an fp32 GEMM: compiled, it is
+        # one reduction kernel reading the bf16 summaries as they are (an einsum needed an fp32 copy of
+        # them first: two passes over ~8 MB per layer and step at 32K, bench/RESULTS.md session 6).
         if summaries.dim() == 4:
-            s = torch.einsum("bhgd,bhnd->bhgn", qg, summaries.float())
+            s = (qg * summaries[:, :, None].float()).sum(-1)
         else:  # max(q_d min_d, q_d max_d) = q_d max_d where q_d > 0, q_d min_d where q_d < 0
-            s = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), summaries[1].float())
-            s = s + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), summaries[0].float())
+            s = (qg.clamp(min=0) * summaries[1][:, :, None].float() + qg.clamp(max=0) * summaries[0][:, :, None].float()).sum(-1)
         s = s.reshape(*s.shape[:3], -1, units)  # [b, h, g, n, units]
         if combine == "softmax":
             p = torch.softmax(s.flatten(-2) * d**-0.5, dim=-1).reshape(s.shape)
@@ -164,15 +166,21 @@ def select_mode() -> str:
     return v
 
 
-def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, n_active: int,
-                     swap_threshold: float, units: int = 1, combine: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's selection for one layer: (next_active [b, A], changed [b, A] bool).
+def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, swaps: torch.Tensor,
+                     blocks_copied: torch.Tensor, n_active: int, swap_threshold: float, units: int = 1,
+                     combine: str = "max") -> torch.Tensor:
+    """A decode step's selection for one layer, in place: `active` [b, A] becomes the next active
+    set and the swap / copied-block counters advance; returns which slots changed ([b, A] int8,
+    what the copy kernel reads).
 
-    Scores, top-A and the swap plan: ~30 small kernels eagerly, the work the side stream does
-    before its copies; compiled (`CompiledRegion`) it is a few fused ones."""
+    Scores, top-A, the swap plan and the bookkeeping: ~40 small kernels eagerly, the work the side
+    stream does before its copies; compiled (`CompiledRegion`) it is a few fused ones."""
     selector = BlockSelector(n_active, swap_threshold, units, combine)
     nxt, changed, _ = selector.plan(active, selector.select(selector.block_scores(q, summaries)))
-    return nxt, changed
+    active.copy_(nxt)
+    swaps.add_(changed.any(-1).to(swaps.dtype))
+    blocks_copied.add_(changed.sum())
+    return changed.to(torch.int8)
 
 
 _PLAN_REGIONS: dict[bool, CompiledRegion] = {}
@@ -272,16 +280,14 @@ class OffloadedLayerKV(DecodeLayerKV):
     def _apply(self, q: torch.Tensor, prime: bool) -> None:
         sel = self.selector
         if prime:
-            nxt = sel.select(sel.block_scores(q, self.summaries))
-            changed = torch.ones_like(nxt, dtype=torch.bool)
+            self.active.copy_(sel.select(sel.block_scores(q, self.summaries)))
+            changed = torch.ones_like(self.active, dtype=torch.int8)
+            self.blocks_copied += self.active.numel()
         else:
-            nxt, changed = self.plan(q, self.summaries, self.active, self.n_active, sel.swap_threshold, sel.units, sel.combine)
-            self.swaps += changed.any(-1).to(torch.int64)
-        row0 = self.sink
-        copy_blocks(self.k_buf, self.host_keys, nxt, changed, row0)
-        copy_blocks(self.v_buf, self.host_values, nxt, changed, row0)
-        self.blocks_copied += changed.sum()
-        self.active.copy_(nxt)
+            changed = self.plan(q, self.summaries, self.active, self.swaps, self.blocks_copied,
+                                self.n_active, sel.swap_threshold, sel.units, sel.combine)
+        copy_blocks(self.k_buf, self.host_keys, self.active, changed, self.sink)
+        copy_blocks(self.v_buf, self.host_values, self.active, changed, self.sink)
 
     def before_attention(self, q: torch.Tensor) -> None:
         """First step: choose and load the active set from this query. Later steps find it loaded:
