@@ -112,14 +112,15 @@ class BlockSelector:
         """
         b, hq, _, d = q.shape
         hkv = summaries.shape[-3]
-        qg = q.reshape(b, hkv, hq // hkv, 1, d).float()
-        # Products and sums in fp32 as a broadcast multiply-and-sum, not an fp32 GEMM: compiled, it is
-        # one reduction kernel reading the bf16 summaries as they are (an einsum needed an fp32 copy of
-        # them first: two passes over ~8 MB per layer and step at 32K, bench/RESULTS.md session 6).
+        qg = q.reshape(b, hkv, hq // hkv, d).float()
+        # An fp32 einsum (a GEMM on a converted copy of the summaries). A broadcast multiply-and-sum,
+        # which Inductor fuses into one reduction over the bf16 summaries, took longer on the H200
+        # (1.27 against 1.06 ms per step with the max over heads, bench/RESULTS.md session 6).
         if summaries.dim() == 4:
-            s = (qg * summaries[:, :, None].float()).sum(-1)
+            s = torch.einsum("bhgd,bhnd->bhgn", qg, summaries.float())
         else:  # max(q_d min_d, q_d max_d) = q_d max_d where q_d > 0, q_d min_d where q_d < 0
-            s = (qg.clamp(min=0) * summaries[1][:, :, None].float() + qg.clamp(max=0) * summaries[0][:, :, None].float()).sum(-1)
+            s = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), summaries[1].float())
+            s = s + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), summaries[0].float())
         s = s.reshape(*s.shape[:3], -1, units)  # [b, h, g, n, units]
         if combine == "softmax":
             p = torch.softmax(s.flatten(-2) * d**-0.5, dim=-1).reshape(s.shape)
