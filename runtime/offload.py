@@ -5,7 +5,7 @@ an active set of A = decode_budget // block_size prompt blocks; all prompt block
 (pinned) host memory, and a summary per block (a mean key per unit of `unit_size` tokens by
 default, the block's mean key, or the per-dimension key min and max: `offload_summary`) stays
 on the device.
-Host buffers come from `HOST_POOL`, so a second generation of the same shape reuses them.
+Host buffers come from `HOST_POOL`, so a later generation of the same or a similar length reuses them.
 
 Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the GPU):
   scores  = a block score per head, combined over heads and GQA rows    [b, n]
@@ -36,6 +36,7 @@ offload is then exactly the resident cache.
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 
@@ -48,10 +49,14 @@ from slimcompile.runtime.regions import CompiledRegion, compile_regions
 
 
 class HostBufferPool:
-    """Reuses (pinned) host buffers across generations: page-locking gigabytes costs ~1 s.
+    """Reuses (pinned) host buffers across generations: page-locking costs ~0.4-0.5 s per GB on the
+    H200's host (a first offload generation at 32K and 64K, bench/RESULTS.md, session 6).
 
-    A buffer taken for a layer returns to the pool when that layer is garbage-collected; the
-    pool keeps at most `max_free_bytes` of free buffers (SLIM_HOST_POOL_GIB, default 64).
+    Buffers are flat and handed out as views: a request takes the smallest free buffer of its dtype
+    that holds it, if that is at most twice its size, so a prompt a little shorter than an earlier
+    one reuses its memory; new buffers are rounded up by at most 1/8 so that a little longer one
+    does too. A buffer taken for a layer returns to the pool when that layer is garbage-collected;
+    the pool keeps at most `max_free_bytes` of free buffers (SLIM_HOST_POOL_GIB, default 64).
     """
 
     def __init__(self, max_free_bytes: int):
@@ -60,16 +65,25 @@ class HostBufferPool:
         self.free_bytes = 0
         self.allocated = 0  # buffers created (not reused), for tests and reports
 
+    @staticmethod
+    def rounded(numel: int) -> int:
+        """`numel` rounded up to a multiple of 1/8 of its largest power of two (at most 12.5% more)."""
+        step = max(1, (1 << (max(numel, 1).bit_length() - 1)) >> 3)
+        return -(-numel // step) * step
+
     def take(self, owner: object, shape: tuple, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-        key = (tuple(shape), dtype, pin)
-        if self.free.get(key):
-            t = self.free[key].pop()
-            self.free_bytes -= t.numel() * t.element_size()
+        key = (dtype, pin)
+        need = math.prod(shape)
+        free = self.free.get(key, [])
+        fits = [i for i, t in enumerate(free) if need <= t.numel() <= 2 * need]
+        if fits:
+            base = free.pop(min(fits, key=lambda i: free[i].numel()))
+            self.free_bytes -= base.numel() * base.element_size()
         else:
-            t = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            base = torch.empty(self.rounded(need), dtype=dtype, pin_memory=pin)
             self.allocated += 1
-        weakref.finalize(owner, self._put, key, t)
-        return t
+        weakref.finalize(owner, self._put, key, base)
+        return base[:need].view(shape)
 
     def _put(self, key: tuple, t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()

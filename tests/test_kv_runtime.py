@@ -344,6 +344,34 @@ def test_host_buffers_are_reused_by_the_next_generation():
     assert first in (again.host_keys.data_ptr(), again.host_values.data_ptr())
 
 
+def test_host_pool_reuses_a_buffer_for_a_similar_length_and_not_for_a_much_shorter_one():
+    import gc
+
+    from slimcompile.runtime.offload import HostBufferPool
+
+    class Owner:
+        pass
+
+    pool = HostBufferPool(1 << 30)
+    assert pool.rounded(1000) == 1024 and pool.rounded(1024) == 1024 and pool.rounded(1025) == 1152
+    first = Owner()
+    t = pool.take(first, (1, 2, 100, 8, 4), torch.float32, pin=False)
+    assert t.shape == (1, 2, 100, 8, 4) and t.is_contiguous() and pool.allocated == 1
+    ptr = t.data_ptr()
+    del first, t
+    gc.collect()
+    a, b, c = Owner(), Owner(), Owner()
+    longer = pool.take(a, (1, 2, 104, 8, 4), torch.float32, pin=False)  # 6656 elements <= rounded(6400) = 6656
+    assert longer.data_ptr() == ptr and pool.allocated == 1
+    shorter = pool.take(b, (1, 2, 90, 8, 4), torch.float32, pin=False)  # the buffer is taken: a new one
+    assert pool.allocated == 2
+    del a, longer
+    gc.collect()
+    tiny_ = pool.take(c, (1, 2, 10, 8, 4), torch.float32, pin=False)  # 640 elements: 6656 is over twice that
+    assert tiny_.data_ptr() != ptr and pool.allocated == 3
+    assert pool.free_bytes == 6656 * 4  # the first buffer is still free, whole
+
+
 def test_demo_counts_held_tokens_not_spare_rows():
     from slimcompile.demo import kv_bytes
 
