@@ -15,7 +15,7 @@ stores the new k/v in the cache (Inductor fuses k's store into the RoPE kernel).
 layer's q/k/v and gate/up weights (runtime/fused_weights.py, `SLIM_DECODE_FUSE`), the regions
 run one GEMM for q/k/v and one for gate/up.
 
-With static shapes and no host synchronisation the whole step (32 layers, ~790 kernels on the
+With static shapes and no host synchronisation the whole step (32 layers, ~520 kernels on the
 LLaMA-8B shape) is captured once as a CUDA graph and replayed, so decode is bound by memory traffic,
 not by Python and kernel launches. A graph is re-recorded only when a buffer grows. The first
 step runs eagerly (offload chooses its first active set there).
