@@ -59,17 +59,22 @@ if HAS_TRITON:
         dd = tl.arange(0, D)
         for i in tl.static_range(ITERS):
             job = tl.program_id(0) + i * n_prog
-            live = job < total
-            pa = job // H  # b * A + a
-            h = job % H
+            # Masks are built without combining a scalar with a block (`scalar & block`): triton
+            # 3.9's interpreter then gives the mask an integer dtype and rejects the load. Jobs past
+            # the end read job 0's (valid) slot and copy nothing.
+            live = tl.where(job < total, 1, 0)
+            jc = job * live
+            pa = jc // H  # b * A + a
+            h = jc % H
             bi = pa // A
             a = pa % A
-            moved = (tl.load(changed_ptr + pa, mask=live, other=0) != 0) & live
-            blk = tl.load(slot_ptr + pa, mask=live, other=0)
+            moved = tl.where(tl.load(changed_ptr + pa) != 0, live, 0)
+            blk = tl.load(slot_ptr + pa)
             src = src_ptr + bi * s_b + h * s_h + blk * s_n + t[:, None] * s_t + dd[None, :] * s_d
-            x = tl.load(src, mask=moved, other=0.0)
+            mask = (t[:, None] * 0 + dd[None, :]) < D * moved  # [BLOCK_T, D]: all true iff this job moves
+            x = tl.load(src, mask=mask, other=0.0)
             dst = dst_ptr + bi * d_b + h * d_h + (row0 + a * BLOCK_T + t)[:, None] * d_r + dd[None, :] * d_d
-            tl.store(dst, x, mask=moved)
+            tl.store(dst, x, mask=mask)
 
 
 DEFAULT_PROGRAMS = 64  # bench/RESULTS.md, session 4: 10.95-11.6 ms/token at 32K against 12.8-13.5 with one program per block
