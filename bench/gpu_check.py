@@ -4,7 +4,10 @@ A small fp32 LLaMA (so tolerances are tight) on the GPU, compiled through Induct
   1. slim enabled=False equals eager;
   2. a two-layer schedule equals `slimcompile.reference` (logits, per-layer KV lengths, KV);
   3. the compiled prefill makes no host synchronisation (torch.cuda.set_sync_debug_mode);
-  4. greedy generate through `slimcompile.compile` equals the reference's tokens.
+  4. greedy generate through `slimcompile.compile` equals the reference's tokens;
+  5. padded prompts (a left-padded batch, and token 0 with pad_token_id=0 and no mask) through
+     Inductor equal eager (forward logits and generate), and an all-ones mask on the same graph
+     runs the pruned variant and equals the reference.
 Prints one line per check and exits non-zero on the first failure.
 
     python bench/gpu_check.py
@@ -98,6 +101,47 @@ def main() -> int:
     slimcompile.compile(model, **opts)
     got = model.generate(z, attention_mask=torch.ones_like(z), max_new_tokens=16, do_sample=False)
     check("generate 16 tokens == reference", torch.equal(got, want), f"{got[0, -16:].tolist()} vs {want[0, -16:].tolist()}")
+
+    # Padded prompts (issue 14.5): a mask with zeros runs the exact variant of the masked graph
+    # through Inductor; it crashed in copy_misaligned_inputs (the dispatcher called it boxed).
+    compiled_forward = model.forward
+
+    def eager_generate(ids: torch.Tensor, **kw) -> torch.Tensor:
+        model.forward = model.slim.original_forward
+        try:
+            return model.generate(ids, max_new_tokens=8, do_sample=False, **kw)
+        finally:
+            model.forward = compiled_forward
+
+    p = torch.randint(1, 1024, (2, 3000), device="cuda")
+    pmask = torch.ones_like(p)
+    pmask[0, :200] = 0  # row 0 left-padded
+    with torch.no_grad():
+        eager_p = model.slim.original_forward(p, attention_mask=pmask, use_cache=True, logits_to_keep=1)
+        out_p = model(p, attention_mask=pmask, use_cache=True, logits_to_keep=1)
+    err = (out_p.logits - eager_p.logits).abs().max().item()
+    check("left-padded batch logits == eager", err < 2e-3, f"max|diff|={err:.2e}")
+    lens = [layer.keys.shape[2] for layer in out_p.past_key_values.layers]
+    check("left-padded batch runs unpruned", lens == [3000] * cfg.num_hidden_layers, f"{lens}")
+
+    # The same masked graph with an all-ones mask: the dispatcher's pruned variant.
+    u = torch.randint(1, 1024, (2, 4000), device="cuda")
+    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
+        out_u = model.slim.compiled_forward(u, attention_mask=torch.ones_like(u), use_cache=True, logits_to_keep=1)
+    ref_u = reference.prefill(model, u, schedule)
+    err = (out_u.logits - ref_u.logits).abs().max().item()
+    lens, ref_lens = [layer.keys.shape[2] for layer in out_u.past_key_values.layers], [k.shape[2] for k in ref_u.keys]
+    check("all-ones mask on the masked graph == reference (pruned)", err < 2e-3 and lens == ref_lens, f"max|diff|={err:.2e} {lens} vs {ref_lens}")
+
+    want_p = eager_generate(p, attention_mask=pmask)
+    got_p = model.generate(p, attention_mask=pmask, max_new_tokens=8, do_sample=False)
+    check("left-padded generate == eager", torch.equal(got_p, want_p), f"{got_p[:, -8:].tolist()} vs {want_p[:, -8:].tolist()}")
+
+    q = torch.randint(1, 1024, (1, 3000), device="cuda")
+    q[0, 1500] = 0  # generate infers attention_mask = (ids != pad_token_id): one zero mid-prompt
+    want_q = eager_generate(q, pad_token_id=0)
+    got_q = model.generate(q, pad_token_id=0, max_new_tokens=8, do_sample=False)
+    check("token 0 with pad_token_id=0, no mask: generate == eager", torch.equal(got_q, want_q), f"{got_q[0, -8:].tolist()} vs {want_q[0, -8:].tolist()}")
     return 0 if ok else 1
 
 

@@ -4,6 +4,26 @@ Registered under the `torch_dynamo_backends` entry point, so `torch.compile(mode
 backend="slim", options={...})` works without importing slimcompile. A graph the analysis
 does not recognise is compiled unchanged, with one warning saying why; a graph it
 recognises but cannot prune is compiled with the exact rewrites only, also with a warning.
+
+Padded prompts. A graph with a 2-D `attention_mask` input is lowered twice in one backend
+call: the pruned variant (which assumes the mask is all ones) and the exact unpruned variant.
+The function returned to Dynamo is a small dispatcher that checks `mask.all()` per call and
+runs one of them. Dynamo calls a backend's result unboxed, `compiled_fn(*args)`
+(torch/_dynamo/output_graph.py, the `compiled_fn(*args, **kwargs)` calls after
+`call_user_compiler`), and that is also the only convention `compile_fx` honours for a Dynamo
+graph: `aot_module_simplified` returns `forward(*runtime_args)` (torch/_functorch/
+aot_autograd.py, the non-`GmWrapper` branch), yet `simple_wraps` (functools.wraps, which
+copies `__dict__`) and `torch._dynamo.disable` (torch/_dynamo/backends/common.py) copy the
+inner runtime wrapper's `_boxed_call = True` onto it. The dispatcher used to trust that flag
+and call `fn([args])`, so Inductor's `call(args)` unpacked a one-element list: `ValueError:
+not enough values to unpack` on the CPU, `IndexError` in `copy_misaligned_inputs` on CUDA
+(issue 14.5). Both variants were broken that way; only the exact one is reached in practice,
+because `slimcompile.compile` drops an all-ones mask. The variants are called `fn(*args)` now.
+Compiling the two variants one after the other under Dynamo's tracing context is fine: what
+the second compile overwrites there (`fw_metadata`, `output_strides`, `params_flat`) is read
+only during a compile, never by the returned functions, and both variants' shape guards land
+in the one shape env Dynamo installs guards from (tests/test_inductor.py checks both variants
+against eager / the reference through Inductor).
 """
 
 from __future__ import annotations
@@ -125,7 +145,9 @@ def _inductor(gm: fx.GraphModule, example_inputs: list) -> Callable:
 
 
 def _call(fn: Callable, args: tuple) -> Any:
-    return fn(list(args)) if getattr(fn, "_boxed_call", False) else fn(*args)
+    # Unboxed, as Dynamo calls a backend's result. Never dispatch on `_boxed_call`: compile_fx's
+    # result for a Dynamo graph carries that flag (copied by functools.wraps) but is unboxed.
+    return fn(*args)
 
 
 def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, lower) -> tuple[Callable, Compilation]:
@@ -134,7 +156,7 @@ def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, 
         variant, fallback = ("slim" if ctx.prune else "exact"), None
     except UnsupportedGraph as e:
         # Recognised-but-unprunable graphs keep the exact rewrites; unrecognised ones stay unchanged.
-        fallback = str(e)
+        reasons = [str(e)]
         if options.pruning:
             exact = dataclasses.replace(options, enabled=False)
             try:
@@ -142,9 +164,11 @@ def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, 
                 variant = "exact"
             except UnsupportedGraph as e2:
                 new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
-                fallback = f"{fallback}; and {e2}"
+                if str(e2) not in reasons:  # the exact retry often fails for the same reason
+                    reasons.append(str(e2))
         else:
             new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
+        fallback = "; and ".join(reasons)
         what = "without pruning" if variant == "exact" else "unchanged (plain Inductor)"
         _warn_once(f"slimcompile: compiling this graph {what}: {fallback}")
     record = Compilation(options, pm.records if pm else [], ctx, fallback, variant, new_gm)

@@ -82,3 +82,63 @@ def test_backend_by_name_without_import_matches_eager():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
+
+
+def test_padded_batch_through_inductor_matches_eager_and_unpadded_stays_pruned():
+    """A mask with zeros runs the exact variant, an all-ones mask on the same graph the pruned one.
+
+    Both variants of the masked graph are lowered in one backend call and called through our
+    dispatcher; a wrong calling convention there (issue 14.5: the compiled function was called
+    boxed, `fn([args])`) crashes only through Inductor, which the pass tests skip.
+    """
+    model = tiny("llama", 2)
+    schedule = parse_options(OPTIONS).resolve(4)
+    x = ids(48, batch=2)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding in row 0
+    z = ids(44, batch=2, seed=7)
+    z[:, 0] = 1
+    z[0, 5], z[1, 20] = 0, 0  # token 0 with pad_token_id=0 and no mask: generate infers a mask with zeros
+    with torch.no_grad():
+        eager = model(x, attention_mask=mask, use_cache=True)
+    want = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    want_z = model.generate(z, pad_token_id=0, max_new_tokens=8, do_sample=False)
+
+    COMPILATIONS.clear()
+    slimcompile.compile(model, **OPTIONS)
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(out.logits[0, 3:], eager.logits[0, 3:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits[1], eager.logits[1], rtol=1e-4, atol=1e-4)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [48] * 4
+    assert [c.variant for c in COMPILATIONS] == ["slim", "exact"]
+
+    # An unpadded batch on the same (masked) graph: the dispatcher runs the pruned variant.
+    y = ids(56, batch=2)
+    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
+        out = model.slim.compiled_forward(y, attention_mask=torch.ones_like(y), use_cache=True)
+    assert len(COMPILATIONS) == 2  # no new backend call: the same graph, the other variant
+    ref = reference.prefill(model, y, schedule)
+    torch.testing.assert_close(out.logits[:, -1:], ref.logits, rtol=1e-4, atol=1e-4)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [k.shape[2] for k in ref.keys]
+    assert ref.keys[-1].shape[2] < 56
+
+    # Greedy generation of padded batches (prefill and decode through the compiled graphs) == eager.
+    got = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want), (got[:, -8:], want[:, -8:])
+    got_z = model.generate(z, pad_token_id=0, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got_z, want_z), (got_z[:, -8:], want_z[:, -8:])
+
+
+def test_fallback_warning_names_each_reason_once():
+    """An unrecognised graph fails the pruned and the exact analysis for the same reason: say it once."""
+    from functools import partial
+
+    from slimcompile.backend import slim_backend
+
+    COMPILATIONS.clear()
+    fn = torch.compile(lambda t: t.sin() + 1, backend=partial(slim_backend, lower=False, options=OPTIONS))
+    torch.testing.assert_close(fn(torch.ones(3)), torch.ones(3).sin() + 1)
+    (record,) = COMPILATIONS
+    assert record.variant == "unchanged" and record.fallback
+    assert "; and " not in record.fallback, record.fallback
