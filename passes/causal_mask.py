@@ -9,7 +9,10 @@ at run time). A mask with any other pattern (padding, sliding window, chunks) is
 
 Prefill (no past, q == kv): `is_causal=True`. One-token decode: the causal row is all True:
 no mask, `is_causal=False`. A multi-token step over a cache keeps its mask (bottom-right
-causal alignment differs from SDPA's top-left `is_causal`).
+causal alignment differs from SDPA's top-left `is_causal`). So does a graph whose KV is
+written in place into preallocated buffers (transformers' StaticCache): the keys span
+`max_cache_len`, not the queries, and whether earlier calls filled part of the buffer is
+not visible in the graph, so the mask transformers built is the only proof of alignment.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.fx as fx
 
 from slimcompile.passes.layer_analysis import example_value
 from slimcompile.passes.manager import PassResult
+from slimcompile.passes.side_effects import eliminate_dead_code
 
 _COMPARE = {operator.le: "le", operator.ge: "ge", torch.le: "le", torch.ge: "ge"}
 _STRICT = {operator.lt, operator.gt, torch.lt, torch.gt}
@@ -110,6 +114,12 @@ def _is_method(node: Any, names: set[str]) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 
 
+def _same_size(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return a == b
+
+
 def set_sdpa_mask(sdpa: fx.Node, is_causal: bool) -> None:
     args = list(sdpa.args)
     kwargs = dict(sdpa.kwargs)
@@ -130,12 +140,21 @@ def causal_mask_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
         return PassResult(False, "no attention mask in the graph")
     mask_val = example_value(masks[0])
     q_len = mask_val.shape[-2]
+    if lm.static_kv:
+        reason = "KV written in place into preallocated buffers (StaticCache): the mask spans max_cache_len, kept"
+        ctx.mask_kept_reason = reason
+        return PassResult(False, reason, {"reason": reason})
     padding = ctx.padding_inputs if ctx.assume_no_padding else set()
     for mask in masks:
         causal, reason = analyse_mask(mask, padding)
         if causal is None:
             ctx.mask_kept_reason = reason
             return PassResult(False, f"mask kept: {reason}", {"reason": reason})
+    kv_len = mask_val.shape[-1]
+    if not lm.has_past and not _same_size(q_len, kv_len):
+        reason = f"{q_len} queries over {kv_len} keys without a past: alignment unknown, mask kept"
+        ctx.mask_kept_reason = reason
+        return PassResult(False, reason, {"reason": reason})
     if not lm.has_past:
         is_causal = True
     elif q_len == 1:
@@ -148,7 +167,7 @@ def causal_mask_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
     for layer in lm.layers:
         set_sdpa_mask(layer.sdpa, is_causal)
         layer.mask = None
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     ctx.mask_removed = True
     shape = f"[{', '.join(str(s) for s in mask_val.shape)}]"
     return PassResult(

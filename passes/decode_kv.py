@@ -19,6 +19,13 @@ from slimcompile.passes.manager import PassResult
 
 def decode_kv_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
     lm = ctx.layer_map
+    if lm.static_kv:
+        keys = {str(example_value(layer.sdpa.args[1]).shape[-2]) for layer in lm.layers}
+        return PassResult(
+            False,
+            f"KV in preallocated buffers written in place (StaticCache-like): every layer reads {sorted(keys)} keys",
+            {"static_kv_lengths": sorted(keys)},
+        )
     if not lm.has_past:
         return PassResult(False, "prefill graph: every layer starts from an empty cache")
     lengths = []

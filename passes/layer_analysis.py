@@ -4,6 +4,13 @@ Builds a `LayerMap` from `nn_module_stack` metadata and op patterns: per layer i
 output residual nodes, post-RoPE q and k, the SDPA call and its KV outputs; shared: the
 attention-mask node and the sequence length. Raises `UnsupportedGraph` with the reason when
 the graph is not one it understands; the backend then compiles the graph unchanged.
+
+Two KV-cache forms are recognised: transformers' `DynamicCache` (`torch.cat([past, new])`,
+one length per layer, the form pruning needs) and an in-place written buffer such as
+`StaticCache` (`keys.index_copy_(2, pos, k)` into a preallocated `[b, h, max_cache_len, d]`
+tensor that SDPA then reads whole). The second is recorded per layer (`kv_write`) so the
+passes can refuse what they cannot do with it: every StaticCache layer has the one length
+`max_cache_len`, so a pruned layer could not hold fewer rows.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from slimcompile.passes.manager import PassResult
+from slimcompile.passes.side_effects import has_side_effect
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 SUPPORTED_LAYER_TYPES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
@@ -40,6 +48,9 @@ class LayerNodes:
     kv_outputs: tuple[fx.Node, fx.Node] | None  # the cache's key/value tensors after update
     past_kv: tuple[fx.Node, fx.Node] | None  # placeholders of the cache before update (decode)
     mask: fx.Node | None  # the SDPA attn_mask argument (per layer: narrowed to its KV length)
+    # An in-place write into the tensor SDPA reads as keys (StaticCache's `keys.index_copy_`):
+    # the layer's KV lives in a preallocated buffer that outlives the call.
+    kv_write: fx.Node | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -52,6 +63,7 @@ class LayerNodes:
             "kv_outputs": [n.name for n in self.kv_outputs] if self.kv_outputs else None,
             "past_kv": [n.name for n in self.past_kv] if self.past_kv else None,
             "mask": self.mask.name if self.mask is not None else None,
+            "kv_write": self.kv_write.name if self.kv_write is not None else None,
         }
 
 
@@ -62,6 +74,11 @@ class LayerMap:
     layers: list[LayerNodes]
     seq_len: Any  # SymInt or int: tokens entering layer 0 in this call
     has_past: bool  # the call extends a non-empty cache (decode or continuation)
+
+    @property
+    def static_kv(self) -> bool:
+        """The KV is written in place into preallocated buffers (transformers' StaticCache)."""
+        return any(layer.kv_write is not None for layer in self.layers)
 
     def masks(self) -> list[fx.Node]:
         """Distinct SDPA mask nodes, in layer order."""
@@ -75,6 +92,7 @@ class LayerMap:
             "masks": sorted({layer.mask.name for layer in self.layers if layer.mask is not None}),
             "seq_len": str(self.seq_len),
             "has_past": self.has_past,
+            "static_kv": self.static_kv,
             "layers": [layer.summary() for layer in self.layers],
         }
 
@@ -122,6 +140,15 @@ def _cache_update(node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
     return None
 
 
+def _inplace_write(buffer: fx.Node) -> fx.Node | None:
+    """The first node that writes `buffer` in place (`buffer.index_copy_(...)`, `buffer[i] = x`,
+    `buffer.copy_(x)`, a mutating op with `buffer` as its first argument), if any."""
+    for user in buffer.users:
+        if user.op in ("call_method", "call_function") and user.args and user.args[0] is buffer and has_side_effect(user):
+            return user
+    return None
+
+
 def analyze(gm: fx.GraphModule) -> LayerMap:
     by_layer: dict[int, list[fx.Node]] = {}
     layer_types = set()
@@ -166,6 +193,7 @@ def analyze(gm: fx.GraphModule) -> LayerMap:
                 past_kv = (k_upd[1], v_upd[1])
         else:
             k = k_src
+        kv_write = _inplace_write(k_src) or _inplace_write(v_src)
         mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
         mask = mask if isinstance(mask, fx.Node) else None
         # The layer's output is the node every later computation reads the residual stream from.
@@ -196,7 +224,7 @@ def analyze(gm: fx.GraphModule) -> LayerMap:
             if not ins:
                 raise UnsupportedGraph("layer 0: cannot identify the input hidden states")
             residual_in = min(ins, key=order.__getitem__)
-        layers.append(LayerNodes(idx, nodes, residual_in, outs[0], q, k, sdpa, kv_outputs, past_kv, mask))
+        layers.append(LayerNodes(idx, nodes, residual_in, outs[0], q, k, sdpa, kv_outputs, past_kv, mask, kv_write))
         prev_out = outs[0]
     seq_len = example_value(layers[0].residual_in).shape[1]
     return LayerMap(
@@ -214,6 +242,7 @@ def layer_analysis_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
     return PassResult(
         False,
         f"{lm.model_type}: {len(lm.layers)} x {lm.layer_type}, seq_len={lm.seq_len}, "
-        f"{'decode/continuation' if lm.has_past else 'prefill'}, masks={len(lm.masks())}",
+        f"{'decode/continuation' if lm.has_past else 'in-place KV buffers (StaticCache-like)' if lm.static_kv else 'prefill'}"
+        f", masks={len(lm.masks())}",
         lm.summary(),
     )

@@ -28,8 +28,16 @@ from slimcompile import schedule as sched
 from slimcompile.passes import flatten_linear
 from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value
 from slimcompile.passes.manager import PassResult
+from slimcompile.passes.side_effects import eliminate_dead_code
 from slimcompile.passes.shape_prop import refresh_example_values
 from slimcompile.runtime import ops  # noqa: F401  (registers torch.ops.slim)
+
+# One message for every StaticCache graph (prefill and decode), so the backend warns once.
+STATIC_CACHE_REASON = (
+    "StaticCache (KV written in place into preallocated buffers): one KV length for all layers; "
+    "pruning needs per-layer lengths - use the default DynamicCache (or slimcompile.compile with "
+    "kv='resident') to prune"
+)
 
 _SHAPE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
 _SHAPE_FUNCS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange}
@@ -228,6 +236,8 @@ def token_prune_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
     lm, schedule = ctx.layer_map, ctx.schedule
     if schedule is None or not ctx.options.pruning:
         return PassResult(False, "pruning disabled")
+    if lm.static_kv:
+        raise UnsupportedGraph(STATIC_CACHE_REASON)
     if lm.has_past:
         return PassResult(False, "call extends a cache (decode/continuation): prompt pruning applies to prefill only")
     if lm.masks():
@@ -252,6 +262,6 @@ def token_prune_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
                 f"{cur_val} {'<=' if sched.budget_fits(schedule, i, cur_val) else '>'} {value}  (keep_tokens at layer {layer_idx})"
             )
         cur_val, cur_node = _prune_after(gm, ctx, i, lm.layers[layer_idx], cur_val, cur_node)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     kept = ", ".join(f"L{p['layer']}: {p['length_in']} -> {p['kept_length']}" for p in ctx.prune)
     return PassResult(True, f"pruned after {len(ctx.prune)} layer(s): {kept}", {"prune": ctx.prune, "guards": ctx.guards})
