@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -27,9 +26,13 @@ import torch
 
 from slimcompile.evaluate import (
     build_variants,
-    default_device,
+    check_out_path,
     evaluate,
+    model_config,
+    options_error,
     parse_csv_list,
+    parse_device,
+    parse_dtype,
     parse_lengths,
     parse_sets,
     precision_note,
@@ -62,7 +65,7 @@ def layer_needle_mass(model, sample, window: int, sink: int, block_size: int, ra
     whether every needle token would be kept by pruning after that layer (attention/max scoring)."""
     from slimcompile.reference import _attend
     from slimcompile.runtime import scoring_torch
-    from slimcompile.schedule import num_blocks
+    from slimcompile.schedule import num_blocks, ratio_blocks
 
     dev = next(model.parameters()).device
     ids = torch.tensor([sample.input_ids], device=dev)
@@ -82,7 +85,7 @@ def layer_needle_mass(model, sample, window: int, sink: int, block_size: int, ra
         if n > 0:
             blocks = tok[sink : sink + n * block_size].reshape(n, block_size).amax(-1)[None]
             for r in ratios:
-                keep = max(1, math.ceil(n * r))
+                keep = ratio_blocks(n, r)  # the backend's count (at least one block)
                 idx = scoring_torch.select_token_indices(blocks, S, sink, block_size, keep)[0]
                 row[r] = bool(torch.isin(needle, idx).all())
         kept.append(row)
@@ -104,13 +107,15 @@ def run(args) -> int:
     from rich.table import Table
 
     from slimcompile.models import load
-    from slimcompile.options import parse_options
+    from slimcompile.options import SlimOptionError, parse_options
     from slimcompile.schedule import ModelDims, schedule_cost
     from slimcompile.tasks import TASKS, make_samples
 
     console = Console()
     err = Console(stderr=True)
-    lengths = parse_lengths(args.lengths)
+    # Every flag is validated, and the option sets of the grid against the model's config,
+    # before the weights load.
+    lengths = parse_lengths(args.lengths, "--lengths")
     tasks = parse_csv_list(args.tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -120,21 +125,30 @@ def run(args) -> int:
     except ValueError:
         raise ValueError(f"--keep-ratios must be numbers, got {args.keep_ratios!r}") from None
     if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise ValueError("--keep-ratios must lie in (0, 1]")
-    if args.samples < 1 or args.probe_samples < 1 or args.top_layers < 1:
-        raise ValueError("--samples, --probe-samples and --top-layers must be >= 1")
+        raise ValueError(f"--keep-ratios must lie in (0, 1], got {args.keep_ratios!r}")
+    for flag, value in (("--samples", args.samples), ("--probe-samples", args.probe_samples), ("--top-layers", args.top_layers)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    for flag, value in (("--max-task-drop", args.max_task_drop), ("--max-mean-drop", args.max_mean_drop)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag}: must be a number of points >= 0, got {value}")
+    device = parse_device(args.device)
+    parse_dtype(args.dtype)
+    check_out_path(args.out)
     base = parse_sets(args.sets)
     for key in ("prune_layers", "keep_ratio", "keep_tokens"):
         if key in base:
             raise ValueError(f"--set {key}=...: calibrate chooses {key} itself")
-    base_opts = parse_options(base)
+    try:
+        base_opts = parse_options(base)
+        n_cfg = model_config(args.model).num_hidden_layers
+        for r in ratios:  # the grid's option sets (an options_file among --set could clash with them)
+            parse_options({**base, "prune_layers": [0], "keep_ratio": r}).resolve(n_cfg)
+    except SlimOptionError as e:
+        raise options_error("--set", e) from None
     if base_opts.scoring != "attention":
         err.print("[yellow]note: the probe measures softmax attention; the grid uses scoring="
                   f"{base_opts.scoring} as given[/]")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out: folder {out_dir} does not exist")
-    device = args.device or default_device()
     t0 = time.perf_counter()
     log = (lambda m: None) if args.quiet else (lambda m: err.print(m, highlight=False))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from slimcompile.evaluate import default_device, parse_length, parse_sets
+from slimcompile.evaluate import model_config, options_error, parse_device, parse_dtype, parse_length, parse_sets
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,22 +152,26 @@ def run(args) -> int:
     from slimcompile import schedule as sched
     from slimcompile.backend import slim_backend
     from slimcompile.models import load
-    from slimcompile.options import parse_options
+    from slimcompile.options import SlimOptionError, parse_options
     from slimcompile.tasks import make_sample
 
     console = Console(width=max(120, Console().width))
-    length = parse_length(args.length)
+    # Validate every flag, and the options against the model's config, before loading weights.
+    length = parse_length(args.length, "--length")
     options = parse_sets(args.sets)
-    opts = parse_options(options)  # validate before loading anything
     if not 0.0 <= args.depth <= 1.0:
-        raise ValueError(f"--depth must be in [0, 1], got {args.depth}")
+        raise ValueError(f"--depth: must be in [0, 1], got {args.depth}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
-    device = args.device or default_device()
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    device = parse_device(args.device)
     use_inductor = args.inductor if args.inductor is not None else device.startswith("cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = parse_dtype(args.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        opts = parse_options(options)
+        if opts.pruning:
+            opts.resolve(model_config(args.model).num_hidden_layers)
+    except SlimOptionError as e:
+        raise options_error("--set", e) from None
 
     t_start = time.perf_counter()
     with console.status(f"loading {args.model} ({dtype}, {device}) ...", spinner="dots") as status:

@@ -62,23 +62,90 @@ def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def parse_length(text: str) -> int:
-    """'2048', '2K' (=2048), '1.5k' -> tokens."""
-    t = text.strip().lower()
+MIN_LENGTH = 64
+MAX_LENGTH = 1 << 24  # 16M tokens: far beyond any supported context; guards against "1e9K"
+
+
+def parse_length(text: str, flag: str | None = None) -> int:
+    """'2048', '2K' (=2048), '1.5k' -> tokens; a ValueError naming `flag`, the value and what is allowed."""
+    t = str(text).strip().lower()
+    where = f"{flag}: " if flag else ""
+    allowed = f"use a whole number of tokens from {MIN_LENGTH} to {MAX_LENGTH}, like 2048 or 2K"
     try:
-        if t.endswith("k"):
-            value = int(round(float(t[:-1]) * 1024))
-        else:
-            value = int(t)
+        number = float(t[:-1]) * 1024 if t.endswith("k") else int(t)
     except ValueError:
-        raise ValueError(f"bad length {text!r}: use tokens like 2048 or 2K") from None
-    if value < 64:
-        raise ValueError(f"length {text!r} is too short (at least 64 tokens)")
+        raise ValueError(f"{where}bad length {text!r}: {allowed}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}bad length {text!r}: {allowed}")
+    value = int(round(number))
+    if value < MIN_LENGTH:
+        raise ValueError(f"{where}length {text!r} is too short: {allowed}")
+    if value > MAX_LENGTH:
+        raise ValueError(f"{where}length {text!r} is too long: {allowed}")
     return value
 
 
-def parse_lengths(text: str) -> list[int]:
-    return [parse_length(x) for x in text.split(",") if x.strip()]
+def parse_lengths(text: str, flag: str | None = None) -> list[int]:
+    """'1K,2K' -> [1024, 2048]; at least one length."""
+    out = [parse_length(x, flag) for x in str(text).split(",") if x.strip()]
+    if not out:
+        raise ValueError(f"{flag + ': ' if flag else ''}give at least one length, e.g. 1K,2K (got {text!r})")
+    return out
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(text: str | None, flag: str = "--dtype") -> str | None:
+    if text is not None and text not in DTYPES:
+        raise ValueError(f"{flag}: unknown dtype {text!r}; allowed: {', '.join(DTYPES)}")
+    return text
+
+
+def parse_device(text: str | None, flag: str = "--device") -> str:
+    """A device string this machine has (default: cuda if available, else cpu); else a ValueError."""
+    if text is None:
+        return default_device()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag}: unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return str(text)
+    if dev.type != "cuda":
+        raise ValueError(f"{flag}: device {text!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag}: device {text!r}: CUDA is not available on this machine; use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{flag}: device {text!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return str(text)
+
+
+def check_out_path(path: str | None, flag: str = "--out") -> None:
+    """Fail before any work when the output file's folder does not exist."""
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag}: folder {folder!r} of {path!r} does not exist")
+
+
+def options_error(flag: str, err: Exception) -> ValueError:
+    """The SlimOptionError of options given by a command-line flag, its message prefixed with the flag."""
+    from slimcompile.options import SlimOptionError
+
+    return SlimOptionError(f"{flag}: {err}")
+
+
+def model_config(model: str) -> Any:
+    """The model's config, read without loading weights (to validate options before a long load)."""
+    from slimcompile.inspection import check_config, real_config
+    from slimcompile.models import _resolve
+
+    _resolve(model)  # the loader's own errors for an unknown name or a folder without config.json
+    cfg, _ = real_config(model)
+    check_config(cfg, model)
+    return cfg
 
 
 def parse_csv_list(text: str) -> list[str]:
@@ -277,10 +344,10 @@ def schedule_name(opts: dict[str, Any]) -> str:
 
 
 def build_variants(base_sets: dict[str, Any], schedules: Sequence[str] | None, force_drop: Sequence[int], num_layers: int, include_slim: bool = True) -> list[Variant]:
-    from slimcompile.options import parse_options
+    from slimcompile.options import SlimOptionError, parse_options
 
     variants = [Variant("full", "full")]
-    raw_list: list[dict[str, Any]] = []
+    raw_list: list[tuple[str, dict[str, Any]]] = []  # (where the options came from, options)
     if include_slim:
         if schedules:
             for s in schedules:
@@ -290,13 +357,16 @@ def build_variants(base_sets: dict[str, Any], schedules: Sequence[str] | None, f
                     raise ValueError(f"--schedule must be a JSON object of slim options: {s!r} ({e.msg})") from None
                 if not isinstance(d, dict):
                     raise ValueError(f"--schedule must be a JSON object of slim options, got {s!r}")
-                raw_list.append({**base_sets, **d})
+                raw_list.append((f"--schedule {s}" + (" with --set" if base_sets else ""), {**base_sets, **d}))
         else:
-            raw_list.append(dict(base_sets))
+            raw_list.append(("--set", dict(base_sets)))
     seen = set()
-    for raw in raw_list:
-        opts = parse_options(raw)
-        sched = opts.resolve(num_layers) if opts.pruning else None
+    for source, raw in raw_list:
+        try:
+            opts = parse_options(raw)
+            sched = opts.resolve(num_layers) if opts.pruning else None
+        except SlimOptionError as e:
+            raise options_error(source, e) from None
         d = opts.as_dict()
         name = schedule_name(d)
         if name in seen:
@@ -626,15 +696,20 @@ def _validate(args) -> None:
     bad = [t for t in args.task_list if t not in TASKS]
     if bad or not args.task_list:
         raise ValueError(f"--tasks: unknown task(s) {bad}; choose from {','.join(TASKS)}")
-    args.length_list = parse_lengths(args.lengths)
-    if not args.length_list:
-        raise ValueError("--lengths: give at least one length")
+    args.length_list = parse_lengths(args.lengths, "--lengths")
     if args.samples < 1:
-        raise ValueError("--samples must be >= 1")
+        raise ValueError(f"--samples: must be >= 1, got {args.samples}")
+    args.device = parse_device(args.device)
+    parse_dtype(args.dtype)
+    check_out_path(args.out)
     args.base_sets = parse_sets(args.sets)
     if args.force_drop and args.engine == "compiled":
         # The forced drop is a reference-loop diagnostic; run the whole comparison in that loop.
         args.engine = "reference"
+
+
+def _variants(args, num_layers: int) -> list[Variant]:
+    return build_variants(args.base_sets, args.schedule, args.force_drop, num_layers, include_slim=not args.no_slim)
 
 
 def run_merge(args, console) -> int:
@@ -664,14 +739,20 @@ def run(args) -> int:
     console = Console(stderr=False)
     err = Console(stderr=True)
     if args.merge:
+        check_out_path(args.out)
         return run_merge(args, console)
     _validate(args)
-    device = args.device or default_device()
+    device = args.device
+    # Every option set (--set, --schedule, --force-drop) is checked against the model's config
+    # before its weights load, so a bad value fails in a second rather than after the load.
+    n_layers = model_config(args.model).num_hidden_layers
+    variants = _variants(args, n_layers)
     with err.status(f"loading {args.model} ...", spinner="dots") if not args.quiet else contextlib.nullcontext():
         model, tokenizer = load(args.model, dtype=args.dtype, device=device)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; eval needs one")
-    variants = build_variants(args.base_sets, args.schedule, args.force_drop, model.config.num_hidden_layers, include_slim=not args.no_slim)
+    if model.config.num_hidden_layers != n_layers:
+        variants = _variants(args, model.config.num_hidden_layers)
     ctx = model.config.max_position_embeddings
     too_long = [L for L in args.length_list if L > ctx]
     if too_long:

@@ -724,18 +724,25 @@ def _status(msg: str) -> None:
 def inspect_model(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], dict[int, list[int]] | None]:
     import torch
 
-    from slimcompile.options import parse_options
+    from slimcompile.evaluate import MAX_LENGTH, options_error
+    from slimcompile.options import SlimOptionError, parse_options
 
-    if args.seq is not None and args.seq < 2:
-        raise ValueError(f"--seq must be an int >= 2, got {args.seq}")
-    options = parse_options(parse_sets(args.sets))
+    if args.seq is not None and not 2 <= args.seq <= MAX_LENGTH:
+        raise ValueError(f"--seq must be an int from 2 to {MAX_LENGTH}, got {args.seq}")
+    try:
+        options = parse_options(parse_sets(args.sets))
+    except SlimOptionError as e:
+        raise options_error("--set", e) from None
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
     if args.plot:
         render_plot_check()
     real_cfg, kind = real_config(args.model)
     check_config(real_cfg, args.model)
-    schedule = options.resolve(real_cfg.num_hidden_layers) if options.pruning else None  # fail early on bad layers
+    try:
+        schedule = options.resolve(real_cfg.num_hidden_layers) if options.pruning else None  # fail early on bad layers
+    except SlimOptionError as e:
+        raise options_error("--set", e) from None
 
     kept: dict[int, list[int]] | None = None
     if args.prompt_file:

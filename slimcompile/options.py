@@ -44,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
 
 HELP: dict[str, str] = {
     "prune_layers": "decoder-layer indices after which tokens are pruned; a float 0<f<1 means floor(f * num_layers)",
-    "keep_ratio": "float in (0, 1], or one per pruning layer: fraction of the blocks present at that layer that are kept",
+    "keep_ratio": "float in (0, 1], or one per pruning layer: fraction of the blocks present at that layer that are kept "
+    "(ceil(n * ratio) of n blocks, so at least one block however small the ratio)",
     "keep_tokens": "int, or one per pruning layer: absolute token budget after that layer (non-increasing)",
     "block_size": "tokens per block (the unit of selection)",
     "unit_size": "tokens per TokenUnit inside a block (scoring='tokenunit', offload_summary='unitmean'); must divide block_size",
@@ -143,7 +144,19 @@ class LayerSchedule:
         o = self.options
         if o.keep_tokens is not None:
             return "tokens", o.keep_tokens[i]
-        return "ratio", Fraction(o.keep_ratio[i]).limit_denominator(1 << 16)
+        return "ratio", keep_fraction(o.keep_ratio[i])
+
+
+# A keep ratio is used as an exact fraction p/q (so the kept length is a closed form of the
+# symbolic prompt length): the nearest one with q <= RATIO_DENOMINATOR, and never below
+# 1/RATIO_DENOMINATOR, so that ceil(n * ratio) keeps at least one of n >= 1 blocks however
+# small the ratio (a ratio of 1e-6 keeps one block, not zero).
+RATIO_DENOMINATOR = 1 << 16
+
+
+def keep_fraction(ratio: float | Fraction) -> Fraction:
+    """The exact fraction that `keep_ratio=ratio` stands for (see RATIO_DENOMINATOR)."""
+    return max(Fraction(ratio).limit_denominator(RATIO_DENOMINATOR), Fraction(1, RATIO_DENOMINATOR))
 
 
 def _per_layer(key: str, value: Any, n: int, kind: type) -> tuple:
@@ -170,21 +183,101 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
-def parse_options(options: Mapping[str, Any] | None = None, **kwargs: Any) -> SlimOptions:
-    """Validate user options (a dict, a path to a JSON file under key 'options_file', or kwargs)."""
-    raw: dict[str, Any] = {}
-    if options:
-        raw.update(options)
+def _describe(value: Any) -> str:
+    """`type: repr` of a user value, shortened."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+_OPTIONS_SHAPE = "a dict (any Mapping) of option names to values, e.g. {'keep_ratio': 0.5}, or {'options_file': 'PATH.json'}"
+
+
+def read_options_file(path: Any) -> dict[str, Any]:
+    """The options held by a JSON options file: its top-level object, or the object under its
+    "options" key (the `slimcompile calibrate` format; other top-level keys such as "evidence"
+    are ignored). Every problem is a SlimOptionError naming the file."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise _err("options_file", path, "must be the path (a str or os.PathLike) of a JSON file of options")
+    shown = os.fspath(path)
+    if not os.path.exists(shown):
+        raise _err("options_file", shown, "no such file; give the path of a JSON file of options "
+                   "(e.g. written by `slimcompile calibrate`)")
+    if not os.path.isfile(shown):
+        raise _err("options_file", shown, "is not a file; give the path of a JSON file of options")
+    try:
+        with open(shown, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _err("options_file", shown, f"cannot be read as UTF-8 text ({e})") from None
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _err("options_file", shown, f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(loaded, dict):
+        raise _err("options_file", shown, f"must hold a JSON object of options, {{\"key\": value, ...}} "
+                   f"(or {{\"options\": {{...}}}}), but its top level is a JSON {_json_kind(loaded)}")
+    if "options" in loaded:
+        inner = loaded["options"]
+        if not isinstance(inner, dict):
+            raise _err("options_file", shown, f"its \"options\" entry must be a JSON object of options, "
+                       f"but it is a JSON {_json_kind(inner)}")
+        clash = sorted(k for k in loaded if k in DEFAULTS or k == "options_file")
+        if clash:
+            raise _err("options_file", shown, f"has both an \"options\" object and top-level option key(s) {clash}; "
+                       f"put every option inside \"options\"")
+        loaded = inner
+    if "options_file" in loaded:
+        raise _err("options_file", shown, f"sets \"options_file\" itself ({loaded['options_file']!r}); options files "
+                   "do not nest: copy the options of that file into this one")
+    return loaded
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def parse_options(options: Mapping[str, Any] | SlimOptions | None = None, **kwargs: Any) -> SlimOptions:
+    """Validate user options: a dict (or any Mapping) of options, optionally with the key
+    'options_file' naming a JSON file of options (keys given beside it override the file's),
+    and/or keyword arguments (which override both). None means the defaults."""
+    if isinstance(options, SlimOptions):
+        if not kwargs:
+            return options
+        options = options.as_dict()
+    if options is not None and not isinstance(options, Mapping):
+        hint = ""
+        if isinstance(options, (str, os.PathLike)):
+            hint = f"; to read options from a file, pass {{'options_file': {os.fspath(options)!r}}}"
+        raise SlimOptionError(f"slim options must be {_OPTIONS_SHAPE}, or None for the defaults; "
+                              f"got {_describe(options)}{hint}")
+    raw: dict[str, Any] = dict(options or {})
     raw.update(kwargs)
+    file = None
     if "options_file" in raw:
-        path = raw.pop("options_file")
-        if not os.path.isfile(path):
-            raise _err("options_file", path, "must be a readable JSON file written by `slimcompile calibrate`")
-        with open(path) as f:
-            loaded = json.load(f)
-        loaded = loaded.get("options", loaded)
-        raw = {**loaded, **raw}
-    unknown = sorted(set(raw) - set(DEFAULTS))
+        file = raw.pop("options_file")
+        raw = {**read_options_file(file), **raw}
+    try:
+        return _validate(raw)
+    except SlimOptionError as e:
+        if file is None:
+            raise
+        raise SlimOptionError(f"{e} (options read from options_file {os.fspath(file)!r})") from None
+
+
+def _validate(raw: dict[str, Any]) -> SlimOptions:
+    unknown = sorted((k for k in raw if k not in DEFAULTS), key=repr)
     if unknown:
         raise SlimOptionError(
             f"unknown slim option(s) {unknown}; valid keys are {sorted(DEFAULTS) + ['options_file']}"

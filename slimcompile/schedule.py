@@ -8,20 +8,32 @@ Layout of a sequence of length L at a pruning layer:
     [ sink | n blocks of block_size | window_eff ]     window_eff = L - sink - n*block_size
 with n = (L - sink - window) // block_size, so window <= window_eff < window + block_size:
 the tail that does not fill a block is kept with the window. Kept length after keeping
-k blocks is L - (n - k) * block_size. Blocks of later pruning layers coincide with the
+k blocks is L - (n - k) * block_size; a keep ratio r keeps k = ceil(n * r) blocks
+(`ratio_blocks`), at least one however small r is. Blocks of later pruning layers coincide with the
 original blocks, because the kept prefix/suffix lengths do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any, Sequence
 
-from slimcompile.options import LayerSchedule
+from slimcompile.options import LayerSchedule, keep_fraction
 
 
 def num_blocks(length: Any, sink: int, window: int, block_size: int) -> Any:
     return (length - sink - window) // block_size
+
+
+def ratio_blocks(n: Any, ratio: float | Fraction) -> Any:
+    """Blocks a keep ratio keeps of `n` (int or SymInt): ceil(n * r) for the exact fraction r
+    of `options.keep_fraction` (r >= 1/65536), so every ratio keeps at least one block when
+    n >= 1 and ratio 1.0 keeps every block. The backend, the reference and `calibrate` all
+    count through this function."""
+    r = keep_fraction(ratio)
+    p, q = r.numerator, r.denominator
+    return (n * p + q - 1) // q
 
 
 def keep_blocks(schedule: LayerSchedule, i: int, length: Any, n: Any, fits: bool | None = None) -> Any:
@@ -32,8 +44,7 @@ def keep_blocks(schedule: LayerSchedule, i: int, length: Any, n: Any, fits: bool
     """
     kind, value = schedule.keep_at(i)
     if kind == "ratio":
-        p, q = value.numerator, value.denominator
-        return (n * p + q - 1) // q  # ceil(n * ratio): ratio 1.0 keeps every block
+        return ratio_blocks(n, value)
     if (length <= value) if fits is None else fits:
         return n
     return n - (length - value + schedule.options.block_size - 1) // schedule.options.block_size

@@ -73,3 +73,173 @@ def test_documented_default_schedule_is_the_code_default():
     for key in ("prune_layers", "keep_ratio"):
         row = re.search(rf"^\| `{key}` \| `([^`]*)` \|", readme, re.M)
         assert row and json.loads(row.group(1)) == DEFAULTS[key], key
+
+
+# ---------------------------------------------------------------- the shape of `options` and options files
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "options, needles",
+    [
+        ("file.json", ["must be a dict", "str 'file.json'", "{'options_file': 'file.json'}"]),
+        ([("keep_ratio", 0.5)], ["must be a dict", "list"]),
+        (["keep_ratio"], ["must be a dict", "list"]),
+        (0.5, ["must be a dict", "float 0.5"]),
+        ({"options_file": None}, ["options_file", "None", "path"]),
+        ({"options_file": 3}, ["options_file", "3", "path"]),
+        ({"options_file": ["a.json"]}, ["options_file", "['a.json']", "path"]),
+        ({"options_file": "/no/such/options.json"}, ["options_file", "/no/such/options.json", "no such file"]),
+        ({"options_file": "/"}, ["options_file", "not a file"]),
+        ({1: 2}, ["unknown slim option(s) [1]"]),
+    ],
+)
+def test_bad_options_shapes_raise_option_errors(options, needles):
+    with pytest.raises(SlimOptionError) as e:
+        parse_options(options)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("[1, 2]", ["top level is a JSON array", "JSON object"]),
+        ('"keep_ratio"', ["top level is a JSON string"]),
+        ("null", ["top level is a JSON null"]),
+        ("0.5", ["top level is a JSON number"]),
+        ("", ["not valid JSON", "line 1 column 1"]),
+        ('{"keep_ratio": 0.5,\n "sink": }', ["not valid JSON", "line 2 column 10"]),
+        ("{'keep_ratio': 0.5}", ["not valid JSON", "line 1 column 2"]),
+        ('{"options": null}', ['"options" entry', "JSON null"]),
+        ('{"options": [1]}', ['"options" entry', "JSON array"]),
+        ('{"options": "x"}', ['"options" entry', "JSON string"]),
+        ('{"options": {"keep_ratio": 0.3}, "sink": 4}', ["top-level option key(s) ['sink']"]),
+        ('{"options_file": "other.json"}', ["do not nest", "other.json"]),
+        ('{"options": {"options_file": "other.json"}}', ["do not nest", "other.json"]),
+        ('{"keep_ratio": 3}', ["keep_ratio", "3", "(0, 1]", "options read from options_file"]),
+        ('{"keep_ration": 0.3}', ["unknown slim option(s) ['keep_ration']", "options_file"]),
+    ],
+)
+def test_bad_options_files_name_the_file(tmp_path, text, needles):
+    path = _write(tmp_path, "opts.json", text)
+    with pytest.raises(SlimOptionError) as e:
+        parse_options({"options_file": path})
+    msg = str(e.value)
+    assert "opts.json" in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_nested_options_file_message_is_not_self_contradictory(tmp_path):
+    inner = _write(tmp_path, "inner.json", '{"keep_ratio": 0.3}')
+    outer = _write(tmp_path, "outer.json", '{"options_file": "%s"}' % inner)
+    with pytest.raises(SlimOptionError) as e:
+        parse_options({"options_file": outer})
+    assert "do not nest" in str(e.value) and "unknown" not in str(e.value)
+
+
+def test_non_utf8_options_file(tmp_path):
+    path = tmp_path / "opts.json"
+    path.write_bytes(b'{"keep_ratio": "\xff"}')
+    with pytest.raises(SlimOptionError, match="opts.json.*UTF-8"):
+        parse_options({"options_file": str(path)})
+
+
+def test_good_options_files(tmp_path):
+    import pathlib
+
+    calib = _write(tmp_path, "calib.json", '{"options": {"keep_ratio": 0.3, "prune_layers": [2]}, "evidence": {"x": 1}}')
+    flat = _write(tmp_path, "flat.json", '{"keep_ratio": 0.25}')
+    assert parse_options({"options_file": calib}).keep_ratio == (0.3,)
+    assert parse_options({"options_file": pathlib.Path(flat)}).keep_ratio == (0.25,) * len(DEFAULTS["prune_layers"])
+    # keys beside the file override it, keyword arguments override both
+    assert parse_options({"options_file": calib, "keep_ratio": 0.5}).keep_ratio == (0.5,)
+    assert parse_options(options_file=calib, keep_ratio=0.2).keep_ratio == (0.2,)
+    assert parse_options(None) == parse_options({}) == parse_options()
+    import types
+
+    assert parse_options(types.MappingProxyType({"keep_ratio": 0.4})).keep_ratio == (0.4,) * len(DEFAULTS["prune_layers"])
+    o = parse_options({"keep_ratio": 0.4})
+    assert parse_options(o) is o
+
+
+# ---------------------------------------------------------------- a tiny keep ratio keeps one block
+
+
+def test_tiny_keep_ratio_keeps_one_block():
+    from fractions import Fraction
+
+    from slimcompile import schedule as sched
+    from slimcompile.options import keep_fraction
+
+    for ratio in (1e-6, 1e-300, 5e-324):
+        assert keep_fraction(ratio) == Fraction(1, 65536)
+        assert [sched.ratio_blocks(n, ratio) for n in (1, 2, 100, 65536)] == [1, 1, 1, 1]
+    assert keep_fraction(0.5) == Fraction(1, 2) and keep_fraction(1.0) == 1
+    assert [sched.ratio_blocks(n, 1.0) for n in (0, 1, 7)] == [0, 1, 7]
+    s = parse_options({"prune_layers": [1], "keep_ratio": 1e-6, "block_size": 16, "window": 8, "sink": 4, "min_prune_len": 64}).resolve(4)
+    for length in (64, 1000, 100_000):
+        n, k, kept = sched.kept_length(s, 0, length)
+        assert n >= 1 and k == 1 and kept == length - (n - 1) * 16
+
+
+def test_tiny_keep_ratio_backend_matches_reference():
+    import torch
+
+    from slimcompile import reference
+    from slimtest import PASS_BACKEND, SMALL, ids, tiny
+
+    model = tiny("llama", 2)
+    options = {**SMALL, "prune_layers": [1], "keep_ratio": 1e-6}
+    schedule = parse_options(options).resolve(4)
+    fast = torch.compile(model, backend=PASS_BACKEND, options=options, dynamic=True)
+    for length in (41, 58):
+        x = ids(length)
+        with torch.no_grad():
+            out = fast(x, use_cache=True, logits_to_keep=1)
+        ref = reference.prefill(model, x, schedule)
+        n = (length - SMALL["sink"] - SMALL["window"]) // SMALL["block_size"]
+        kept = length - (n - 1) * SMALL["block_size"]  # sink + one block + tail
+        assert ref.kept_indices[1].shape[1] == kept
+        assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [length, length, kept, kept]
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        for layer, rk in zip(out.past_key_values.layers, ref.keys):
+            torch.testing.assert_close(layer.keys, rk, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_counts_blocks_like_the_backend():
+    """calibrate's probe asks the same function as the backend how many blocks a ratio keeps."""
+    import inspect
+
+    from slimcompile import calibrate
+
+    src = inspect.getsource(calibrate.layer_needle_mass)
+    assert "ratio_blocks(n, r)" in src and "ceil" not in src
+
+
+# ---------------------------------------------------------------- plain torch.compile: what a bad option gives
+
+
+def test_plain_torch_compile_reports_bad_options_at_the_first_call():
+    """Documented in the README: torch.compile cannot validate `options` (the backend sees them only
+    when Dynamo compiles the first call), which raises BackendCompilerFailed wrapping the SlimOptionError."""
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from slimtest import ids, tiny
+
+    fast = torch.compile(tiny("llama", 2), backend="slim", options={"keep_ratio": 2.0})  # no error yet
+    with pytest.raises(BackendCompilerFailed) as e:
+        with torch.no_grad():
+            fast(ids(20))
+    assert isinstance(e.value, RuntimeError) and not isinstance(e.value, ValueError)
+    assert isinstance(e.value.inner_exception, SlimOptionError)
+    assert "keep_ratio" in str(e.value) and "(0, 1]" in str(e.value)
+    with pytest.raises(SlimOptionError):  # the documented way to get the ValueError up front
+        parse_options({"keep_ratio": 2.0})
