@@ -141,6 +141,9 @@ class StaticDecoder:
         self.use_graph = use_graph and dev.type == "cuda"
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.step_no = torch.zeros(1, dtype=torch.long, device=dev)  # generated tokens before this one
+        # RoPE position of this step's token per sequence: the given position_ids, or by default
+        # the original prompt length plus the tokens generated before it (filled before each step).
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.bases = torch.tensor([layer.write_index() for layer in cache.layers], dtype=torch.long, device=dev)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -166,9 +169,7 @@ class StaticDecoder:
     def _forward(self) -> torch.Tensor:
         inner = self.model.model
         h = inner.embed_tokens(self.ids)
-        b = h.shape[0]
-        pos = (self.step_no + self.cache.prompt_len).view(1, 1).expand(b, 1)
-        cos, sin = inner.rotary_emb(h, pos)
+        cos, sin = inner.rotary_emb(h, self.positions)
         # Every layer's write row and valid length in two kernels per step, not two per layer.
         rows = self.bases + self.step_no
         lengths = rows + 1
@@ -190,12 +191,19 @@ class StaticDecoder:
         return self.model.lm_head(inner.norm(h))
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [b, 1, vocab] for `input_ids` [b, 1] at the next position; advances the cache."""
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, 1, vocab] for `input_ids` [b, 1] at the next position; advances the cache.
+
+        `positions` ([b, 1] or [1, 1]): the tokens' RoPE positions, as a caller's `position_ids`
+        give them; by default the original prompt length plus the tokens generated so far."""
         if self.cache.ensure_room():  # buffers moved: rows keep their indices, the graph is recorded again
             self.graph = None
         self.ids.copy_(input_ids)
         self.step_no.fill_(self.cache.generated)
+        if positions is None:
+            self.positions.fill_(self.cache.prompt_len + self.cache.generated)
+        else:
+            self.positions.copy_(positions.to(self.positions.device).expand_as(self.positions))
         if not self.use_graph or self.steps == 0:
             out = self._forward()
         elif self.graph is None:

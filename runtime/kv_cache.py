@@ -119,7 +119,8 @@ class DecodeLayerKV(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError(
             "a SlimKVCache is filled by the slim decode runtime; it cannot extend through the HF forward "
-            "(pass kv='dynamic' to slimcompile.compile to decode through the compiled graph)"
+            "(a model whose forward is not the one slimcompile.compile installed, e.g. after slimcompile.uncompile; "
+            "pass kv='dynamic' to slimcompile.compile to decode through the compiled graph)"
         )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -207,6 +208,34 @@ class SlimKVCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    # The cache operations of beam search, assisted and prompt-lookup decoding. `slimcompile.compile`
+    # sends such generations to transformers' cache (kv="dynamic"), so these are reached only by a
+    # caller that drives the cache itself: refuse clearly rather than half-update the buffers.
+    def _refuse(self, what: str):
+        raise NotImplementedError(
+            f"a SlimKVCache (the slim decode runtime's buffers) does not support {what}; "
+            "compile with kv='dynamic' for decoding loops that reorder, crop or re-batch the cache"
+        )
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self._refuse("reorder_cache (beam search)")
+
+    def crop(self, *args, **kwargs) -> None:
+        self._refuse("crop (assisted / prompt-lookup decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse("batch_select_indices")
+
+    def reset(self) -> None:
+        self._refuse("reset")
 
     def advance(self) -> None:
         self.generated += 1
