@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from slimcompile import hf_attention  # noqa: F401  (length-aware SDPA for per-layer KV lengths)
-from slimcompile.options import SlimOptions, parse_options
+from slimcompile.options import SlimOptionError, SlimOptions, parse_options
 from slimcompile.passes.causal_mask import causal_mask_pass
 from slimcompile.passes.context import SlimContext
 from slimcompile.passes.decode_kv import decode_kv_pass
@@ -189,7 +189,16 @@ def slim_backend(
     `lower=False` runs the rewritten FX graph as Python instead of lowering it through
     Inductor: the same rewrite semantics in seconds, which pass tests use.
     """
-    opts = options if isinstance(options, SlimOptions) else parse_options(options)
+    try:
+        opts = options if isinstance(options, SlimOptions) else parse_options(options)
+    except SlimOptionError as exc:
+        bad = exc  # `exc` is unbound after the except block; the closure keeps `bad`
+        # Raised here, Dynamo would wrap it in BackendCompilerFailed (a RuntimeError); raised by the
+        # compiled function, it reaches the caller as the ValueError the README promises.
+        def refuse(*args: Any) -> Any:
+            raise bad
+
+        return refuse
     fake_mode = graph_fake_mode(gm)
     padding = _padding_inputs(gm)
     if not (opts.pruning and padding):
