@@ -96,3 +96,10 @@ def prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     """Token ids in 1..127 (never 0, which generate may take for padding)."""
     g = torch.Generator().manual_seed(seed + length)
     return torch.randint(1, 128, (batch, length), generator=g)
+
+
+def mask_gone(context) -> bool:
+    """The compiled graph attends causally without a mask: the causal-mask pass removed the mask
+    transformers built (5.17 materialises one), or transformers built none (5.2x for SDPA)."""
+    return context.mask_removed or (context.layer_map is not None and not context.layer_map.masks()
+                                    and context.mask_kept_reason is None)

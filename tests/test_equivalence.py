@@ -37,7 +37,19 @@ def test_no_pruning_matches_eager(arch, kv_heads, opts):
     for (k, v), (rk, rv) in zip(_kv(out), _kv(ref)):
         torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
-    assert COMPILATIONS[-1].context.mask_removed
+    _assert_causal_sdpa_without_mask(COMPILATIONS[-1])
+
+
+def _assert_causal_sdpa_without_mask(record):
+    """Every SDPA call of the compiled graph is `is_causal=True` with no mask: the causal-mask pass
+    removed the mask transformers built (5.17), or transformers built none (5.2x for SDPA)."""
+    from slimcompile.passes.layer_analysis import SDPA_TARGETS
+
+    sdpa = [n for n in record.graph.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    assert sdpa and all(n.kwargs.get("attn_mask") is None and len(n.args) <= 3 for n in sdpa)
+    assert all(n.kwargs.get("is_causal") is True for n in sdpa)
+    summary = next(r for r in record.records if r.name == "causal_mask")
+    assert record.context.mask_removed or summary.summary == "no attention mask in the graph"
 
 
 SCHEDULES = [
@@ -225,7 +237,8 @@ def test_causal_mask_pass_leaves_no_mask_and_causal_sdpa():
         isinstance(v := n.meta.get("example_value"), torch.Tensor) and v.dtype == torch.bool and v.dim() == 4 for n in nodes
     )
     summary = next(r for r in record.records if r.name == "causal_mask")
-    assert summary.changed and summary.nodes_removed > 0
+    # transformers 5.17 materialises the mask (the pass removes it); 5.2x builds none for SDPA.
+    assert (summary.changed and summary.nodes_removed > 0) or summary.summary == "no attention mask in the graph"
 
 
 @pytest.mark.parametrize("flatten", ["default", "0"])

@@ -75,7 +75,8 @@ def test_backend_by_name_without_import_matches_eager():
         assert "slimcompile.backend" in sys.modules  # loaded through the torch_dynamo_backends entry point
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
         from slimcompile.backend import COMPILATIONS
-        assert COMPILATIONS[-1].context.mask_removed
+        ctx = COMPILATIONS[-1].context
+        assert ctx.mask_removed or not ctx.layer_map.masks()  # removed (5.17) or never built (5.2x)
         print("OK")
         """
     )

@@ -13,6 +13,8 @@ from slimcompile import reference
 from slimcompile.backend import COMPILATIONS, slim_backend
 from slimcompile.options import parse_options
 
+from slimtest import mask_gone
+
 pytestmark = pytest.mark.slow
 
 OPTIONS = {"prune_layers": [14, 20], "keep_ratio": [0.3, 0.5], "block_size": 32, "window": 32, "sink": 32, "min_prune_len": 512}
@@ -42,7 +44,7 @@ def test_unpruned_matches_eager(smol, prompt):
         ref = model(prompt, use_cache=True, logits_to_keep=1)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.past_key_values.layers[29].keys, ref.past_key_values.layers[29].keys, rtol=1e-4, atol=1e-4)
-    assert COMPILATIONS[-1].context.mask_removed and COMPILATIONS[-1].context.layer_map.layer_type == "LlamaDecoderLayer"
+    assert mask_gone(COMPILATIONS[-1].context) and COMPILATIONS[-1].context.layer_map.layer_type == "LlamaDecoderLayer"
 
 
 def test_schedule_through_inductor_matches_reference(smol, prompt):
