@@ -1,5 +1,7 @@
 """Every bad option gives a ValueError naming the key, the value and what is allowed."""
 
+import json
+
 import pytest
 
 from slimcompile.options import DEFAULTS, SlimOptionError, parse_options
@@ -242,3 +244,90 @@ def test_plain_torch_compile_reports_bad_options_at_the_first_call():
         assert "keep_ratio" in str(e.value) and "(0, 1]" in str(e.value)
     with pytest.raises(SlimOptionError):  # the way to check them before any work
         parse_options({"keep_ratio": 2.0})
+
+
+# ---------------------------------------------------------------- one source: the fields, the README, the environment
+
+
+def test_readme_options_table_is_generated_from_the_fields():
+    """Every field is a README row with its default and help, and there are no other rows (only options_file)."""
+    import pathlib
+
+    from slimcompile.options import options_table
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = options_table()
+    assert table in readme, "README's options table is stale: paste slimcompile.options.options_table()"
+    start = readme.index("| key | default | meaning |")
+    assert readme[start:start + len(table)] == table and not readme[start + len(table):].startswith("|")
+
+
+def test_defaults_and_help_are_derived_from_the_fields():
+    import dataclasses
+
+    from slimcompile.options import HELP, SlimOptions
+
+    fields = dataclasses.fields(SlimOptions)
+    assert list(DEFAULTS) == list(HELP) == [f.name for f in fields]
+    assert all(HELP[k] for k in HELP)
+    assert parse_options().as_dict()["scoring_impl"] == DEFAULTS["scoring_impl"] == "auto"
+
+
+def test_env_module_documents_every_environment_default():
+    import slimcompile.env as env
+    from slimcompile.options import ENV_VARS
+
+    for key, var in ENV_VARS.items():
+        assert f"| `{var}` | `{key}` |" in env.__doc__, var
+    assert len(ENV_VARS) == 7
+
+
+ENV_CASES = [
+    ("SLIM_SCORING_IMPL", "Torch", "scoring_impl", "torch", "triton"),
+    ("SLIM_FLATTEN_LINEAR", "0", "flatten_linear", False, True),
+    ("SLIM_DECODE_ATTN", "matmul", "decode_attention", "matmul", "sdpa"),
+    ("SLIM_DECODE_COMPILE", "1", "decode_compile", True, "auto"),
+    ("SLIM_DECODE_FUSE", "0", "decode_fuse", False, True),
+    ("SLIM_COPY_PROGRAMS", "8", "copy_programs", 8, 0),
+    ("SLIM_OFFLOAD_SELECT", "current", "offload_select", "current", "lagged"),
+]
+
+
+@pytest.mark.parametrize("var, text, key, value, explicit", ENV_CASES)
+def test_environment_variables_only_provide_defaults(monkeypatch, tmp_path, var, text, key, value, explicit):
+    monkeypatch.setenv(var, text)
+    assert getattr(parse_options(), key) == value
+    assert getattr(parse_options({key: explicit}), key) == explicit  # an explicit option wins
+    assert getattr(parse_options(**{key: explicit}), key) == explicit
+    path = _write(tmp_path, "o.json", json.dumps({key: explicit}))
+    assert getattr(parse_options({"options_file": path}), key) == explicit  # so does an options file
+    monkeypatch.setenv(var, "")  # empty: unset
+    assert getattr(parse_options(), key) == DEFAULTS[key]
+
+
+@pytest.mark.parametrize("var, text", [("SLIM_SCORING_IMPL", "cuda"), ("SLIM_FLATTEN_LINEAR", "maybe"),
+                                       ("SLIM_DECODE_ATTN", "flash"), ("SLIM_DECODE_COMPILE", "2"),
+                                       ("SLIM_DECODE_FUSE", "yes please"), ("SLIM_COPY_PROGRAMS", "-1"),
+                                       ("SLIM_OFFLOAD_SELECT", "early")])
+def test_bad_environment_value_names_the_variable(monkeypatch, var, text):
+    monkeypatch.setenv(var, text)
+    with pytest.raises(SlimOptionError) as e:
+        parse_options()
+    assert var in str(e.value) and repr(text) in str(e.value)
+
+
+@pytest.mark.parametrize("opts, needles", [
+    ({"scoring_impl": "cuda"}, ["scoring_impl", "auto", "triton", "torch"]),
+    ({"flatten_linear": 0}, ["flatten_linear", "True or False"]),
+    ({"decode_attention": "flash"}, ["decode_attention", "sdpa", "matmul"]),
+    ({"decode_compile": "on"}, ["decode_compile", "'auto', True or False"]),
+    ({"decode_fuse": 1}, ["decode_fuse", "'auto', True or False"]),
+    ({"copy_programs": -1}, ["copy_programs", ">= 0"]),
+    ({"copy_programs": True}, ["copy_programs", ">= 0"]),
+    ({"offload_select": "early"}, ["offload_select", "lagged", "current"]),
+])
+def test_bad_switch_options(opts, needles):
+    with pytest.raises(SlimOptionError) as e:
+        parse_options(opts)
+    for needle in needles:
+        assert needle in str(e.value)
