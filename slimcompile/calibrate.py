@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from slimcompile.evaluate import (
+    ProgressTracker,
     build_variants,
     check_out_path,
     evaluate,
@@ -37,26 +38,15 @@ from slimcompile.evaluate import (
     parse_sets,
     precision_note,
 )
+from slimcompile.cli import parse_tasks
 
 RETRIEVAL_TASKS = ("passkey", "needle", "multikey")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
-    p.add_argument("--lengths", default="1024,2048", help="calibration prompt lengths (default 1024,2048: where small models still retrieve)")
-    p.add_argument("--tasks", default="passkey,needle,multikey", help="retrieval tasks with a planted answer (default passkey,needle,multikey)")
-    p.add_argument("--samples", type=int, default=10, help="accuracy samples per (task, length) for the grid (default 10)")
-    p.add_argument("--probe-samples", type=int, default=3, help="prompts per (task, length) for the attention probe (default 3)")
-    p.add_argument("--top-layers", type=int, default=2, help="how many top retrieval layers to try as pruning layers (default 2)")
-    p.add_argument("--keep-ratios", default="0.2,0.3,0.5", help="candidate keep ratios (default 0.2,0.3,0.5)")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="other slim options kept fixed (e.g. scoring, block_size)")
-    p.add_argument("--max-task-drop", type=float, default=3.0, help="allowed accuracy drop per task, points (default 3)")
-    p.add_argument("--max-mean-drop", type=float, default=1.0, help="allowed drop of the task average, points (default 1)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
-    p.add_argument("--out", default="options.json", help="where to write the chosen options (default options.json)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    from slimcompile.cli import calibrate_arguments
+
+    calibrate_arguments(p)
 
 
 @torch.no_grad()
@@ -116,10 +106,7 @@ def run(args) -> int:
     # Every flag is validated, and the option sets of the grid against the model's config,
     # before the weights load.
     lengths = parse_lengths(args.lengths, "--lengths")
-    tasks = parse_csv_list(args.tasks)
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"--tasks: unknown task(s) {bad}; choose from {','.join(TASKS)}")
+    tasks = parse_tasks(args.tasks, TASKS)
     try:
         ratios = [float(x) for x in parse_csv_list(args.keep_ratios)]
     except ValueError:
@@ -163,14 +150,23 @@ def run(args) -> int:
     masses: list[list[float]] = []
     uniform: list[float] = []
     kept_hits: list[list[dict[float, bool]]] = []
-    for L in lengths:
-        for task in tasks:
-            for s in make_samples(task, L, tok, args.probe_samples, seed=args.seed):
-                m, k = layer_needle_mass(model, s, o.window, o.sink, o.block_size, ratios)
-                masses.append(m)
-                kept_hits.append(k)
-                uniform.append(len(s.needle_token_indices()) / s.n_tokens)
-        log(f"probe @ {L}: {len(masses)} prompts, {time.perf_counter() - t0:.0f}s")
+    tracker = None if args.quiet else ProgressTracker(err, "1/2 probe")
+    if tracker:
+        tracker.start(len(lengths) * len(tasks) * args.probe_samples, "attention probe, layer by layer")
+    try:
+        for L in lengths:
+            for task in tasks:
+                for s in make_samples(task, L, tok, args.probe_samples, seed=args.seed):
+                    m, k = layer_needle_mass(model, s, o.window, o.sink, o.block_size, ratios)
+                    masses.append(m)
+                    kept_hits.append(k)
+                    uniform.append(len(s.needle_token_indices()) / s.n_tokens)
+                    if tracker:
+                        tracker.advance(1, {})
+            log(f"probe @ {L}: {len(masses)} prompts, {time.perf_counter() - t0:.0f}s")
+    finally:
+        if tracker:
+            tracker.stop()
     mean_mass = [sum(m[l] for m in masses) / len(masses) for l in range(n_layers)]
     mean_uniform = sum(uniform) / len(uniform)
     kept_rate = {
@@ -195,7 +191,13 @@ def run(args) -> int:
     # 2. grid
     grid = [{**base, "prune_layers": [l], "keep_ratio": r} for l in top for r in ratios]
     variants = build_variants({}, [json.dumps(g) for g in grid], [], n_layers)
-    result = evaluate(model, tok, tasks, lengths, args.samples, variants, engine="reference", seed=args.seed, log=log)
+    tracker = None if args.quiet else ProgressTracker(err, "2/2 grid")
+    try:
+        result = evaluate(model, tok, tasks, lengths, args.samples, variants, engine="reference", seed=args.seed,
+                          log=log, tracker=tracker)
+    finally:
+        if tracker:
+            tracker.stop()
     dims = ModelDims.from_config(model.config)
     by = {(c["task"], c["length"], c["variant"]): c for c in result["cells"]}
     candidates = []

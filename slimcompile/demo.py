@@ -4,9 +4,10 @@ Loads the model, builds a RULER-style prompt with a planted answer (default: a n
 ~2K tokens of Python documentation, where the default model is competent), and runs it twice: with the plain model (eager, HF
 `generate`) and with `slimcompile.compile(model, **options)`. For each it prints the answer,
 whether it contains the planted answer, time-to-first-token (a prefill forward with
-`logits_to_keep=1`, timed after a warm-up/compile call), end-to-end `generate` time, tokens
-kept per layer and the KV-cache bytes of the returned cache; then the speedups and the memory
-saving.
+`logits_to_keep=1`) and end-to-end `generate` time as the median and min-max of `--repeats`
+timed runs after the first calls (which compile, for slim: their time and the number of graphs
+compiled are printed, and the timed runs are checked to compile nothing), tokens kept per layer
+and the KV-cache bytes of the returned cache; then the speedups and the memory saving.
 """
 
 from __future__ import annotations
@@ -22,24 +23,9 @@ from slimcompile.evaluate import model_config, options_error, parse_device, pars
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
-    p.add_argument(
-        "--length", default="2K", help="prompt length in tokens, e.g. 2K or 2048 (default 2K: SmolLM2-135M fails retrieval beyond ~2-4K even unpruned)"
-    )
-    p.add_argument("--task", default="needle", choices=("passkey", "needle", "multikey"), help="retrieval task (default needle)")
-    p.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
-    p.add_argument("--depth", type=float, default=0.5, help="where the answer sits, 0..1 of the text (default 0.5)")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="slim option (JSON value, else string); repeatable")
-    p.add_argument(
-        "--inductor",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="lower the rewritten graph through Inductor (default: on CUDA yes; on CPU no, since Inductor's "
-        "C++ compile of a 30-layer model takes minutes on a small CPU)",
-    )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: enough for the task's answer (16)")
+    from slimcompile.cli import demo_arguments
+
+    demo_arguments(p)
 
 
 def _sync(device: str) -> None:
@@ -110,42 +96,72 @@ def _n_compilations() -> int:
     return len(getattr(backend, "COMPILATIONS", ()))
 
 
-def measure(model, tok, sample, device: str, max_new: int, eos: int | None, slim: bool, status=None) -> dict[str, Any]:
-    """Warm-up/compile, TTFT, generate; answer, correctness and KV bytes."""
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+
+
+def _spread(xs: list[float]) -> str:
+    """`5.33 s (5.10-5.71, n=3)`: the median and the min-max of the timed runs."""
+    if len(xs) == 1:
+        return f"{xs[0]:.2f} s (n=1)"
+    return f"{_median(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
+
+
+def measure(model, tok, sample, device: str, max_new: int, eos: int | None, slim: bool, repeats: int = 3,
+            status=None) -> dict[str, Any]:
+    """First calls (the compile, for slim), then `repeats` timed prefills and generations.
+
+    The first calls are a 2-token `generate` (prefill + decode graphs) and one prefill forward
+    (`_prefill`, the TTFT call: transformers' cache, logits of the last position), on the full
+    prompt for both sides: slim compiles in them (their time is the "first calls" row, their
+    count of backend compilations is printed), the plain model pays its one-time allocations.
+    The timed runs must compile nothing: the count of `slimcompile.backend.COMPILATIONS` before
+    and after them is recorded (`timed_compilations`, expected 0).
+    """
     from slimcompile.tasks import score
 
+    side = "slim" if slim else "plain model"
     ids = torch.tensor([sample.input_ids], device=device)
+    n = ids.shape[1]
     row: dict[str, Any] = {}
-    if slim:
-        if status:
-            status.update("slim: compiling (warm-up generate on the prompt: prefill + decode graphs) ...")
-        _, row["compile_s"] = _timed(device, _generate, model, ids, 2, eos)
-    else:
-        # Eager needs no compile; a short warm-up keeps one-time allocator costs out of TTFT.
-        _timed(device, _generate, model, ids[:, :64], 2, eos)
-        row["compile_s"] = None
-    if status:
-        status.update(f"{'slim' if slim else 'plain'}: timing the prefill (TTFT) ...")
     before = _n_compilations()
-    _, ttft = _timed(device, _prefill, model, ids)
-    if slim and _n_compilations() != before:  # the timed call recompiled: time it again
-        _, ttft = _timed(device, _prefill, model, ids)
-    row["ttft_s"] = ttft
     if status:
-        status.update(f"{'slim' if slim else 'plain'}: generating ...")
-    out, row["e2e_s"] = _timed(device, _generate, model, ids, max_new, eos)
-    new = out.sequences[0, ids.shape[1] :].tolist()
+        status.update(f"{side}: first calls on the {n}-token prompt"
+                      + (" (compiling the prefill and decode graphs) ..." if slim else " (warm-up) ..."))
+    _, t_gen = _timed(device, _generate, model, ids, 2, eos)
+    _, t_pre = _timed(device, _prefill, model, ids)
+    row["first_calls_s"] = t_gen + t_pre
+    row["compilations"] = _n_compilations() - before
+    before = _n_compilations()
+    row["ttft_runs"] = []
+    for i in range(repeats):
+        if status:
+            status.update(f"{side}: timing the prefill of {n} tokens (TTFT), run {i + 1}/{repeats} ...")
+        row["ttft_runs"].append(_timed(device, _prefill, model, ids)[1])
+    row["e2e_runs"] = []
+    for i in range(repeats):
+        if status:
+            status.update(f"{side}: timing generate ({n} tokens + up to {max_new} new), run {i + 1}/{repeats} ...")
+        out, t = _timed(device, _generate, model, ids, max_new, eos)
+        row["e2e_runs"].append(t)
+    row["timed_compilations"] = _n_compilations() - before
+    row["ttft_s"] = _median(row["ttft_runs"])
+    row["e2e_s"] = _median(row["e2e_runs"])
+    new = out.sequences[0, n:].tolist()
     row["new_tokens"] = len(new)
     row["answer"] = tok.decode(new, skip_special_tokens=True).strip()
     row["correct"] = score(sample, row["answer"]) >= 1.0
     row["kv_bytes"], lens = kv_bytes(out.past_key_values)
     # The cache also holds the generated tokens (all but the last); subtract them for prompt tokens.
-    row["tokens_per_layer"] = [n - (len(new) - 1) for n in lens]
+    row["tokens_per_layer"] = [k - (len(new) - 1) for k in lens]
     return row
 
 
 def run(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     import slimcompile
@@ -155,7 +171,7 @@ def run(args) -> int:
     from slimcompile.options import SlimOptionError, parse_options
     from slimcompile.tasks import make_sample
 
-    console = Console(width=max(120, Console().width))
+    console = Console()  # the terminal's width (80 columns when not a terminal); the table fits 80
     # Validate every flag, and the options against the model's config, before loading weights.
     length = parse_length(args.length, "--length")
     options = parse_sets(args.sets)
@@ -163,6 +179,8 @@ def run(args) -> int:
         raise ValueError(f"--depth: must be in [0, 1], got {args.depth}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: must be >= 1, got {args.repeats}")
     device = parse_device(args.device)
     use_inductor = args.inductor if args.inductor is not None else device.startswith("cuda")
     dtype = parse_dtype(args.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -189,13 +207,12 @@ def run(args) -> int:
         if ctx and sample.n_tokens + max_new > ctx:
             console.print(f"[yellow]warning: {sample.n_tokens} prompt tokens exceed the model's context ({ctx})[/]")
 
-        status.update(f"plain model: prefill of {sample.n_tokens} tokens ...")
-        plain = measure(model, tok, sample, device, max_new, eos, slim=False, status=status)
+        plain = measure(model, tok, sample, device, max_new, eos, slim=False, repeats=args.repeats, status=status)
         plain["tokens_per_layer"] = [sample.n_tokens] * n_layers
 
         backend = functools.partial(slim_backend, lower=False) if not use_inductor else slim_backend
         slimcompile.compile(model, backend=backend, options=options)
-        slim = measure(model, tok, sample, device, max_new, eos, slim=True, status=status)
+        slim = measure(model, tok, sample, device, max_new, eos, slim=True, repeats=args.repeats, status=status)
         model.forward = model.slim.original_forward
 
     expected = sched.tokens_per_layer(resolved, sample.n_tokens, n_layers)
@@ -203,27 +220,27 @@ def run(args) -> int:
     measured_ok = slim["tokens_per_layer"] == expected
 
     lowering = "Inductor" if use_inductor else "rewritten graph, no Inductor"
-    table = Table(title=f"{args.task}: {sample.n_tokens}-token prompt, answer {', '.join(sample.answers)} "
-                        f"at depth {sample.depth:.2f}  ({args.model}, {device}, {dtype})")
-    table.add_column("run")
-    table.add_column("answer", overflow="ellipsis", max_width=24)
-    table.add_column("correct", justify="center")
-    table.add_column("TTFT", justify="right")
-    table.add_column("compile", justify="right")
-    table.add_column("generate (E2E)", justify="right")
-    table.add_column("tokens kept per layer", overflow="fold")
-    table.add_column("KV cache", justify="right")
-    for name, r in (("plain model (eager)", plain), (f"slim ({lowering})", slim)):
-        table.add_row(
-            name,
-            _short(r["answer"]) or "(empty)",
-            "[green]yes[/]" if r["correct"] else "[red]no[/]",
-            f"{r['ttft_s']:.2f} s",
-            "-" if r["compile_s"] is None else f"{r['compile_s']:.1f} s",
-            f"{r['e2e_s']:.2f} s ({r['new_tokens']} tok)",
-            sched.describe(r["tokens_per_layer"]),
-            _fmt_bytes(r["kv_bytes"]),
-        )
+    dev_type = torch.device(device).type
+    console.print(f"{args.task}: {sample.n_tokens}-token prompt, answer {', '.join(sample.answers)} at depth "
+                  f"{sample.depth:.2f}  ({args.model}, {device}, {dtype})", highlight=False)
+    # One column per run, one row per quantity: fits an 80-column terminal; long cells fold.
+    table = Table(show_header=True)
+    table.add_column("", overflow="fold")
+    table.add_column("plain model (eager)", overflow="fold")
+    table.add_column(f"slim ({lowering})", overflow="fold")
+
+    def row(label, fn):
+        table.add_row(label, fn(plain), fn(slim))
+
+    row("answer", lambda r: escape(_short(r["answer"])) or "(empty)")
+    row("correct", lambda r: "[green]yes[/]" if r["correct"] else "[red]no[/]")
+    row("TTFT: median (min-max)", lambda r: _spread(r["ttft_runs"]))
+    row(f"generate {max_new} tok (E2E)", lambda r: _spread(r["e2e_runs"]) + f", {r['new_tokens']} tok")
+    row("first calls (compile)", lambda r: f"{r['first_calls_s']:.1f} s"
+        + (f", {r['compilations']} graph(s) compiled" if r is slim else ", warm-up"))
+    row("compiled in timed runs", lambda r: "-" if r is plain else str(r["timed_compilations"]))
+    row("tokens kept per layer", lambda r: sched.describe(r["tokens_per_layer"]))
+    row(f"KV cache (on {dev_type})", lambda r: _fmt_bytes(r["kv_bytes"]))
     console.print(table)
     o = opts.as_dict()
     console.print(
@@ -234,11 +251,14 @@ def run(args) -> int:
     )
     ttft_x = plain["ttft_s"] / slim["ttft_s"]
     e2e_x = plain["e2e_s"] / slim["e2e_s"]
+    # The speedup's range from the extremes of the two sides' timed runs (worst to best case).
+    lo = min(plain["ttft_runs"]) / max(slim["ttft_runs"])
+    hi = max(plain["ttft_runs"]) / min(slim["ttft_runs"])
     saving = 1 - slim["kv_bytes"] / plain["kv_bytes"]
     console.print(
-        f"[bold]TTFT speedup {ttft_x:.2f}x[/] (ideal FLOP ratio {cost.ideal_speedup:.2f}x)   "
-        f"[bold]end-to-end {e2e_x:.2f}x[/]   [bold]KV cache {100 * saving:.0f}% smaller[/] "
-        f"({_fmt_bytes(plain['kv_bytes'])} -> {_fmt_bytes(slim['kv_bytes'])})"
+        f"[bold]TTFT speedup {ttft_x:.2f}x[/] (medians; {lo:.2f}-{hi:.2f}x from the runs' extremes; "
+        f"ideal FLOP ratio {cost.ideal_speedup:.2f}x)   [bold]end-to-end {e2e_x:.2f}x[/]   "
+        f"[bold]KV cache {100 * saving:.0f}% smaller[/] ({_fmt_bytes(plain['kv_bytes'])} -> {_fmt_bytes(slim['kv_bytes'])})"
     )
     verdict = {
         (True, True): "[green]both answers contain the planted answer[/]",
@@ -247,6 +267,9 @@ def run(args) -> int:
         (False, False): "[yellow]neither run found the answer (the model itself fails at this length)[/]",
     }[(plain["correct"], slim["correct"])]
     console.print(verdict)
+    if slim["timed_compilations"]:
+        console.print(f"[yellow]warning: {slim['timed_compilations']} compilation(s) inside the timed runs: "
+                      "the TTFT/generate times above include them[/]")
     if not measured_ok:
         console.print(f"[yellow]note: cache lengths per layer {sched.describe(slim['tokens_per_layer'])} differ from the "
                       f"schedule's {sched.describe(expected)}[/]")

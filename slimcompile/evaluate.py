@@ -38,68 +38,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 # ---------------------------------------------------------------- argument helpers
-
-
-def parse_value(text: str) -> Any:
-    """JSON if it parses (numbers, lists, true/false/null), else the raw string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict; values parsed as JSON, else kept as strings."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key] = parse_value(value.strip())
-    return out
-
-
-MIN_LENGTH = 64
-MAX_LENGTH = 1 << 24  # 16M tokens: far beyond any supported context; guards against "1e9K"
-
-
-def parse_length(text: str, flag: str | None = None) -> int:
-    """'2048', '2K' (=2048), '1.5k' -> tokens; a ValueError naming `flag`, the value and what is allowed."""
-    t = str(text).strip().lower()
-    where = f"{flag}: " if flag else ""
-    allowed = f"use a whole number of tokens from {MIN_LENGTH} to {MAX_LENGTH}, like 2048 or 2K"
-    try:
-        number = float(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise ValueError(f"{where}bad length {text!r}: {allowed}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where}bad length {text!r}: {allowed}")
-    value = int(round(number))
-    if value < MIN_LENGTH:
-        raise ValueError(f"{where}length {text!r} is too short: {allowed}")
-    if value > MAX_LENGTH:
-        raise ValueError(f"{where}length {text!r} is too long: {allowed}")
-    return value
-
-
-def parse_lengths(text: str, flag: str | None = None) -> list[int]:
-    """'1K,2K' -> [1024, 2048]; at least one length."""
-    out = [parse_length(x, flag) for x in str(text).split(",") if x.strip()]
-    if not out:
-        raise ValueError(f"{flag + ': ' if flag else ''}give at least one length, e.g. 1K,2K (got {text!r})")
-    return out
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def parse_dtype(text: str | None, flag: str = "--dtype") -> str | None:
-    if text is not None and text not in DTYPES:
-        raise ValueError(f"{flag}: unknown dtype {text!r}; allowed: {', '.join(DTYPES)}")
-    return text
+# One parser for every subcommand: the light helpers live in slimcompile.cli (no torch there).
+from slimcompile.cli import (  # noqa: E402,F401  (re-exported: calibrate, demo and tests import them from here)
+    DTYPES, MAX_LENGTH, MIN_LENGTH, check_out_path, parse_csv_list, parse_dtype, parse_length, parse_lengths,
+    parse_sets, parse_value,
+)
 
 
 def parse_device(text: str | None, flag: str = "--device") -> str:
@@ -122,14 +65,6 @@ def parse_device(text: str | None, flag: str = "--device") -> str:
     return str(text)
 
 
-def check_out_path(path: str | None, flag: str = "--out") -> None:
-    """Fail before any work when the output file's folder does not exist."""
-    if path:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"{flag}: folder {folder!r} of {path!r} does not exist")
-
-
 def options_error(flag: str, err: Exception) -> ValueError:
     """The SlimOptionError of options given by a command-line flag, its message prefixed with the flag."""
     from slimcompile.options import SlimOptionError
@@ -146,10 +81,6 @@ def model_config(model: str) -> Any:
     cfg, _ = real_config(model)
     check_config(cfg, model)
     return cfg
-
-
-def parse_csv_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def default_device() -> str:
@@ -548,8 +479,13 @@ def evaluate(
     progress=None,
     log=None,
     checkpoint=None,
+    tracker=None,
 ) -> dict[str, Any]:
-    """Run every cell; returns {"cells": [...], "samples": [...]} (see `run` for the file format)."""
+    """Run every cell; returns {"cells": [...], "samples": [...]} (see `run` for the file format).
+
+    `tracker` (e.g. `ProgressTracker`) gets `start(total, what)` and `advance(n, running_accuracy)`
+    after every prompt: generations done of the total and the running accuracy per variant.
+    """
     from slimcompile.schedule import ModelDims
     from slimcompile.tasks import make_samples, score
 
@@ -559,29 +495,43 @@ def evaluate(
     cells: list[dict[str, Any]] = []
     try:
         cell_samples = {(L, t): make_samples(t, L, tokenizer, n_samples, seed=seed) for L in lengths for t in tasks}
-        precomputed = None
-        if engine == "compiled" and not any(v.kind == "drop" for v in variants):
+        n_prompts = sum(map(len, cell_samples.values()))
+        texts: dict[tuple, dict[str, str]] = {}  # (length, task, i) -> variant -> generated text
+        running = {v.name: [0.0, 0] for v in variants}  # variant -> [score sum, prompts done]
+
+        def record(key, i: int, sample, outs: dict[str, list[int]]) -> None:
+            slot = texts.setdefault((*key, i), {})
+            for name, ids in outs.items():
+                slot[name] = _new_text(tokenizer, ids)
+                running[name][0] += score(sample, slot[name])
+                running[name][1] += 1
+            if tracker:
+                tracker.advance(len(outs), {n: r[0] / r[1] for n, r in running.items() if r[1]})
+
+        variant_outer = engine == "compiled" and not any(v.kind == "drop" for v in variants)
+        if tracker:
+            # Compiled engine: one generation per prompt and variant; reference: one shared prefill per prompt.
+            tracker.start(n_prompts * len(variants), f"{n_prompts} prompts x {len(variants)} variant(s)")
+        if variant_outer:
             # Variant-outer order: each schedule is compiled once for the whole run.
-            precomputed = {key: [dict() for _ in ss] for key, ss in cell_samples.items()}
             for v in variants:
                 t0 = time.perf_counter()
                 for key, ss in cell_samples.items():
                     for i, s in enumerate(ss):
-                        precomputed[key][i].update(ev.run_sample(s, [v]))
+                        record(key, i, s, ev.run_sample(s, [v]))
                 if log:
-                    log(f"{v.name}: {sum(map(len, cell_samples.values()))} prompts in {time.perf_counter() - t0:.0f}s")
+                    log(f"{v.name}: {n_prompts} prompts in {time.perf_counter() - t0:.0f}s")
         for length in lengths:
             for task in tasks:
                 samples = cell_samples[(length, task)]
                 scores: dict[str, list[float]] = {v.name: [] for v in variants}
                 t0 = time.perf_counter()
-                if precomputed is not None:
-                    outs = precomputed[(length, task)]
-                else:
-                    outs = [ev.run_sample(s, variants) for s in samples]
-                for s, o in zip(samples, outs):
+                if not variant_outer:
+                    for i, s in enumerate(samples):
+                        record((length, task), i, s, ev.run_sample(s, variants))
+                for i, s in enumerate(samples):
                     for v in variants:
-                        text = _new_text(tokenizer, o[v.name])
+                        text = texts[(length, task, i)][v.name]
                         sc = score(s, text)
                         scores[v.name].append(sc)
                         per_sample.append(
@@ -595,7 +545,9 @@ def evaluate(
                                             mean_tokens, v.options, v.drop_layer))
                 if log:
                     accs = "  ".join(f"{v.name}={sum(scores[v.name]) / max(1, len(samples)):.2f}" for v in variants)
-                    log(f"\\[{task} @ {length}] n={len(samples)} {time.perf_counter() - t0:.0f}s  {accs}")
+                    # In variant-outer order the prompts ran above (timed per variant there).
+                    took = "" if variant_outer else f" {time.perf_counter() - t0:.0f}s"
+                    log(f"\\[{task} @ {length}] n={len(samples)}{took}  {accs}")
                 if progress:
                     progress()
                 if checkpoint:
@@ -628,6 +580,45 @@ def write_outputs(result: dict[str, Any], out: str) -> tuple[str, str]:
     return out, csv_path
 
 
+def format_accuracy(cell: dict[str, Any]) -> str:
+    """`0.50 (0.15-0.85)`: accuracy and its Wilson 95% interval (the cell's wilson_lo/wilson_hi)."""
+    return f"{cell['accuracy']:.2f} ({cell['wilson_lo']:.2f}-{cell['wilson_hi']:.2f})"
+
+
+class ProgressTracker:
+    """A progress bar on stderr: generations done / total, elapsed, ETA, running accuracy per variant."""
+
+    def __init__(self, console, label: str = "eval"):
+        self.console, self.label, self.progress, self.task, self.what = console, label, None, None, ""
+
+    def start(self, total: int, what: str = "") -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self.progress is not None:
+            self.stop()
+        self.progress = Progress(
+            TextColumn(f"{self.label}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[acc]}"),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        from rich.markup import escape
+
+        self.what = escape(what)
+        self.task = self.progress.add_task(what, total=total, acc=self.what)
+
+    def advance(self, n: int, accuracy: dict[str, float]) -> None:
+        from rich.markup import escape
+
+        acc = escape("  ".join(f"{k}={v:.2f}" for k, v in accuracy.items())) if accuracy else self.what
+        self.progress.update(self.task, advance=n, acc=acc)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 def render_table(result: dict[str, Any], console) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -637,7 +628,8 @@ def render_table(result: dict[str, Any], console) -> None:
     lengths = sorted({c["length"] for c in cells})
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     by = {(c["task"], c["length"], c["variant"]): c for c in cells}
-    t = Table(title="accuracy ±95% half-width; \\[full right & variant wrong / variant right & full wrong]; F = FLOP fraction")
+    t = Table(title="accuracy (Wilson 95% interval); \\[full right & variant wrong / variant right & full wrong]; "
+                    "F = FLOP fraction")
     t.add_column("variant", overflow="fold")
     for L in lengths:
         for task in tasks:
@@ -652,7 +644,7 @@ def render_table(result: dict[str, Any], console) -> None:
                     row.append("-")
                     continue
                 accs.append(c["accuracy"])
-                txt = f"{c['accuracy']:.2f}±{c['ci95']:.2f}"
+                txt = format_accuracy(c)
                 if c["kind"] != "full":
                     txt += f"\n\\[{c['full_right_variant_wrong']}/{c['variant_right_full_wrong']}]"
                 if c["kind"] == "slim":
@@ -667,26 +659,9 @@ def render_table(result: dict[str, Any], console) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from slimcompile.tasks import TASKS
+    from slimcompile.cli import eval_arguments
 
-    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF folder (default smollm2-135m)")
-    p.add_argument("--tasks", default="passkey,needle,multikey", help=f"comma list from {','.join(TASKS)} (default passkey,needle,multikey)")
-    p.add_argument("--lengths", default="1K,2K,4K,7K", help="comma list of prompt lengths, e.g. 1K,2K or 1024,2048 (default 1K,2K,4K,7K)")
-    p.add_argument("--samples", type=int, default=64, help="samples per (task, length) cell (default 64: +/-5 points at one standard error "
-                   "for accuracy near 0.8; ~250 for +/-5 at 95%%; use fewer for a quick look)")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="slim option for every schedule (JSON value, else string); repeatable")
-    p.add_argument("--schedule", action="append", metavar="JSON", help='a slim schedule as a JSON object of options, e.g. \'{"prune_layers":[14],"keep_ratio":0.2}\'; repeatable to compare schedules')
-    p.add_argument("--force-drop", action="append", type=int, default=[], metavar="L", help="diagnostic: drop exactly the needle's tokens after layer L (repeatable)")
-    p.add_argument("--no-slim", action="store_true", help="only the full model (and --force-drop variants)")
-    p.add_argument("--engine", choices=("compiled", "reference"), default="compiled", help="compiled: HF generate + slimcompile.compile (default); reference: plain-PyTorch layer loop sharing one full prefill per prompt (fast sweeps)")
-    p.add_argument("--inductor", action="store_true", help="lower the slim graph through Inductor (default: run the rewritten graph without Inductor)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
-    p.add_argument("--out", default=None, metavar="FILE.json", help="write results as JSON and the table as FILE.csv")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--merge", nargs="+", metavar="FILE.json", help="run nothing: merge the JSON files of eval runs over disjoint prompts "
-                   "(e.g. parallel shards by --seed, task or length) of the same variants, recompute every cell, print it and write --out")
+    eval_arguments(p)
 
 
 def _validate(args) -> None:
@@ -768,8 +743,14 @@ def run(args) -> int:
     t0 = time.perf_counter()
     # A partial file holds every finished cell and the config, so a cut-short shard can still be merged.
     checkpoint = (lambda partial: write_outputs({**partial, "config": config}, args.out)) if args.out else None
-    result = evaluate(model, tokenizer, args.task_list, args.length_list, args.samples, variants,
-                      engine=args.engine, inductor=args.inductor, seed=args.seed, log=log, checkpoint=checkpoint)
+    tracker = None if args.quiet else ProgressTracker(err)
+    try:
+        result = evaluate(model, tokenizer, args.task_list, args.length_list, args.samples, variants,
+                          engine=args.engine, inductor=args.inductor, seed=args.seed, log=log, checkpoint=checkpoint,
+                          tracker=tracker)
+    finally:
+        if tracker:
+            tracker.stop()
     elapsed = time.perf_counter() - t0
     result["config"] = dict(config, seconds=round(elapsed, 1))
     render_table(result, console)

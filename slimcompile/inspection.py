@@ -35,60 +35,14 @@ TRACE_INTERMEDIATE = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"'{DEFAULT_MODEL}', 'tiny-llama', 'tiny-qwen2' or a local Hugging Face model folder (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seq",
-        type=int,
-        default=None,
-        help=f"prompt length S for the trace, tokens per layer, FLOPs and KV bytes (default: {DEFAULT_SEQ}; "
-        "with --prompt-file: the prompt's length, or its last S tokens)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a slim option (value parsed as JSON, else taken as a string), e.g. --set prune_layers=[8,16] keep_ratio=0.5",
-    )
-    parser.add_argument("--dump", metavar="DIR", help="write per-pass code, diffs and summary.json to DIR")
-    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: %(default)s)")
-    parser.add_argument("--plot", metavar="FILE.png", help="PNG of tokens kept per layer (needs matplotlib)")
-    parser.add_argument(
-        "--prompt-file",
-        metavar="F",
-        help="real text: trace the real model on it and show which positions each pruning layer kept",
-    )
-    parser.add_argument(
-        "--lower", action="store_true", help="also run Inductor on the rewritten graph (slow on CPU; minutes for 30 layers)"
-    )
+    from slimcompile.cli import inspect_arguments
+
+    inspect_arguments(parser)
 
 
 # ---------------------------------------------------------------- input parsing
 
-
-def parse_sets(items: Sequence[str | Sequence[str]]) -> dict[str, Any]:
-    """`["k=v", ...]` (or nested lists, as argparse gives them) -> options dict; JSON values, else strings."""
-    flat: list[str] = []
-    for it in items:
-        flat.extend([it] if isinstance(it, str) else list(it))
-    out: dict[str, Any] = {}
-    for item in flat:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE (e.g. keep_ratio=0.3), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = {"none": None, "true": True, "false": False}.get(raw.strip().lower(), raw)
-        out[key] = value
-    return out
+from slimcompile.cli import parse_sets  # noqa: E402,F401  (one --set syntax for every subcommand)
 
 
 def _known_names() -> str:
@@ -528,7 +482,7 @@ def render_text(report: dict[str, Any], stream: Any) -> None:
         if all(r[7] == "-" for r in rows):  # masks removed: say so once below instead of a column of dashes
             cols.pop(7)
             rows = [r[:7] + r[8:] for r in rows]
-        out.table(title, cols, rows, right=("layer",))
+        out.table(title, cols, rows, right=("layer",), wrap=tuple(cols))  # narrow terminal: wrap, never cut
     mask = report["mask"]
     if mask and report["variant"] != "unchanged":
         out.line(f"causal mask: {'removed (SDPA is_causal=True)' if mask['removed'] else 'kept: ' + str(mask['kept_reason'])}")
@@ -565,7 +519,9 @@ def render_text(report: dict[str, Any], stream: Any) -> None:
     out.line()
 
     if report.get("kept_positions"):
-        out.line("Kept prompt positions (reference prefill of the prompt file)")
+        span = report.get("answer_positions")
+        where = f"; the planted answer sits at positions {span[0]}-{span[1]}" if span else ""
+        out.line(f"Kept prompt positions (reference prefill of the prompt{where})")
         for layer, k in report["kept_positions"].items():
             rng = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in k["ranges"])
             out.line(f"  after layer {layer}: {k['count']} of {report['seq']}: {rng}")
@@ -745,14 +701,34 @@ def inspect_model(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], 
         raise options_error("--set", e) from None
 
     kept: dict[int, list[int]] | None = None
-    if args.prompt_file:
+    task = getattr(args, "task", None)
+    prompt_source = args.prompt_file
+    answer_span = None
+    if task:
+        from slimcompile.cli import parse_length
+
+        length = parse_length(args.length, "--length")
+        prompt_source = f"--task {task} --length {args.length} --seed {args.seed} --depth {args.depth}"
+    if args.prompt_file or task:
         from slimcompile import models, reference
 
-        text = _read_prompt(args.prompt_file)
-        _status(f"loading {args.model} (real weights) for the prompt file ...")
+        text = _read_prompt(args.prompt_file) if args.prompt_file else None
+        _status(f"loading {args.model} (real weights) for the prompt ...")
         model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
-        ids = _tokenize(tokenizer, text, model.config.vocab_size)
+        if task:
+            from slimcompile.tasks import make_sample
+
+            if tokenizer is None:
+                raise ValueError(f"--task needs a tokenizer; {args.model!r} has none (use --prompt-file)")
+            sample = make_sample(task, length, tokenizer, args.seed, depth=args.depth)
+            ids = torch.tensor([sample.input_ids], dtype=torch.long)
+            span = sample.needle_token_indices()
+            answer_span = [int(min(span)), int(max(span))] if span else None
+        else:
+            ids = _tokenize(tokenizer, text, model.config.vocab_size)
         if args.seq is not None and ids.shape[1] > args.seq:
+            if answer_span is not None:
+                raise ValueError(f"--seq {args.seq} would cut the task prompt of {ids.shape[1]} tokens: use --length")
             ids = ids[:, -args.seq :]
         if ids.shape[1] < 2:
             raise ValueError(f"the prompt file {args.prompt_file!r} has {ids.shape[1]} token(s); need at least 2")
@@ -766,7 +742,7 @@ def inspect_model(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], 
         ids = torch.randint(0, max(2, min(traced_cfg.vocab_size, 1000)), (1, seq), generator=g)
     _status(f"tracing {args.model} ({real_cfg.num_hidden_layers} layers) at S={seq}{' with Inductor' if args.lower else ''} ...")
     comps, seconds, inductor = trace(model, ids, options, args.lower)
-    if args.prompt_file and schedule is not None:
+    if prompt_source and schedule is not None:
         rec = _main_compilation(comps)
         if rec is not None and rec.variant == "slim":
             _status("reference prefill of the prompt to find the kept positions ...")
@@ -785,10 +761,11 @@ def inspect_model(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], 
         lowered=args.lower,
         inductor_code=inductor,
         kept_positions=kept,
-        prompt_file=args.prompt_file,
+        prompt_file=prompt_source,
         architecture=type(model).__name__,
         node_targets=_node_targets(_main_compilation(comps)),
     )
+    report["answer_positions"] = answer_span
     return report, comps, kept
 
 

@@ -102,7 +102,49 @@ def _is_complete_cache(folder: Path) -> bool:
 
 
 def _status(msg: str) -> None:
+    if _STEPS is not None:
+        _STEPS.step(msg)
     print(f"[slimcompile] {msg}", file=sys.stderr, flush=True)
+
+
+class _ConversionProgress:
+    """The conversion's progress on stderr: a bar over its 3 steps with the elapsed time ticking
+    (rich refreshes it from its own thread, so it moves through the silent GGUF reads too).
+    Off when stderr is not a terminal: the `[slimcompile]` step lines say the same in a log."""
+
+    def __init__(self, total: int = 3):
+        self.progress = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("converting the GGUF"), BarColumn(bar_width=12),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                                     console=Console(stderr=True), transient=True)
+            self.task = self.progress.add_task("", total=total)
+        self.done = -1
+
+    def step(self, msg: str) -> None:
+        if self.progress is not None:
+            self.done += 1
+            self.progress.update(self.task, completed=max(0, self.done), description=msg.split(" ...")[0])
+
+    def __enter__(self):
+        global _STEPS
+        if self.progress is not None:
+            self.progress.start()
+            _STEPS = self
+        return self
+
+    def __exit__(self, *exc):
+        global _STEPS
+        _STEPS = None
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+
+_STEPS: _ConversionProgress | None = None
 
 
 def _fix_smollm2_tokens(tokenizer, model=None) -> None:
@@ -152,7 +194,7 @@ def _load_from_gguf():
     t0 = time.perf_counter()
     _status(f"[1/3] reading tokenizer from {path.name} ...")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    _status(f"[2/3] de-quantizing weights (transformers shows a progress bar) ... ({time.perf_counter() - t0:.0f} s)")
+    _status(f"[2/3] reading and de-quantizing the weights ... ({time.perf_counter() - t0:.0f} s)")
     # float32 on purpose: the de-quantized values are exact in fp32, so the
     # cache is lossless and any dtype can be derived from it later.
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -189,7 +231,13 @@ def ensure_smollm2_cache() -> Path:
         return target
     _gguf_prerequisites()  # fail fast, before announcing a conversion
     t0 = time.perf_counter()
-    _status(f"first use of {SMOLLM2!r}: converting the GGUF to a safetensors cache at {target} (one time, ~50 s)")
+    _status(f"first use of {SMOLLM2!r}: converting the GGUF to a float32 safetensors cache of ~520 MB at {target} "
+            "(one time, ~30-60 s)")
+    with _ConversionProgress():
+        return _convert(target, t0)
+
+
+def _convert(target: Path, t0: float) -> Path:
     model, tokenizer = _load_from_gguf()
     _clear_quantization(model)
 

@@ -20,11 +20,14 @@ def _wide_console(monkeypatch):
 
 
 def test_demo_short_prompt(capsys):
-    rc = main(["demo", *TINY, "--length", "400", "--no-inductor", "--max-new-tokens", "8", *SHORT])
+    rc = main(["demo", *TINY, "--length", "400", "--no-inductor", "--max-new-tokens", "8", "--repeats", "2", *SHORT])
     out = capsys.readouterr().out
     assert rc == 0
     assert "plain model (eager)" in out and "slim (rewritten graph, no Inductor)" in out
-    assert "TTFT speedup" in out and "KV cache" in out
+    assert "TTFT speedup" in out and "KV cache (on cpu)" in out and "gpu" not in out
+    # medians with their spread, compile counted in the first calls, none inside the timed runs
+    assert "n=2)" in out and "graph(s) compiled" in out
+    assert "compilation(s) inside the timed runs" not in out
     # pruning happened: the compact per-layer form shows a smaller count after the pruning layer
     assert out.count("x") >= 2
 
@@ -120,7 +123,7 @@ def test_calibrate_writes_options(tmp_path, capsys):
     [
         (["demo", "--length", "abc"], "bad length"),
         (["demo", "--set", "keep_ratio=7"], "keep_ratio"),
-        (["demo", "--set", "nonsense"], "key=value"),
+        (["demo", "--set", "nonsense"], "KEY=VALUE"),
         (["eval", "--tasks", "bogus"], "unknown task"),
         (["eval", "--schedule", "[1,2]"], "JSON object"),
         (["calibrate", "--keep-ratios", "2"], "keep-ratios"),
@@ -154,3 +157,45 @@ def test_greedy_from_checks_eos_in_batches_without_changing_tokens():
     expect = free[: free.index(eos) + 1]
     for every in (1, 4, 16):
         assert greedy_from(model, state, 10, eos, check_every=every) == expect
+
+
+def test_eval_table_prints_the_wilson_interval():
+    """2/2 right is `1.00 (0.34-1.00)`, the interval the JSON holds, not a `±0.00` normal half-width."""
+    import io
+
+    from rich.console import Console
+
+    from slimcompile.evaluate import cell_stats, render_table
+
+    full = cell_stats("passkey", 1024, "full", "full", [1.0, 1.0], [1.0, 1.0], 1.0, 1.0, 1024)
+    slim = cell_stats("passkey", 1024, "slim(x)", "slim", [1.0, 0.0], [1.0, 1.0], 0.6, 0.6, 1024)
+    assert (round(full["wilson_lo"], 3), full["wilson_hi"]) == (0.342, 1.0)
+    buf = io.StringIO()
+    render_table({"cells": [full, slim]}, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "1.00 (0.34-1.00)" in text and "0.50 (0.09-0.91)" in text
+    assert "±" not in text and "Wilson 95% interval" in text
+
+
+def test_eval_progress_reports_prompts_and_running_accuracy():
+    from slimcompile.evaluate import build_variants, evaluate
+    from slimcompile.models import load
+
+    model, tok = load("tiny-llama")
+
+    class Tracker:
+        def __init__(self):
+            self.total, self.done, self.acc = None, 0, None
+
+        def start(self, total, what=""):
+            self.total = total
+
+        def advance(self, n, acc):
+            self.done += n
+            self.acc = acc
+
+    t = Tracker()
+    variants = build_variants({"min_prune_len": 128, "window": 16, "sink": 16, "block_size": 16}, None, [], 4)
+    evaluate(model, tok, ["passkey"], [300], 2, variants, engine="reference", tracker=t)
+    assert t.total == t.done == 2 * len(variants)
+    assert set(t.acc) == {v.name for v in variants} and all(0 <= a <= 1 for a in t.acc.values())
