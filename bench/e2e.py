@@ -6,10 +6,10 @@ Random bf16 weights, batch 1, greedy. In one process it runs, per prompt length:
   hf-offload          DynamicCache(offloading=True), transformers' own KV offload
   slim-resident       slimcompile.compile(model) (default schedule, kv="resident", CUDA graphs)
   slim-offload        the same with kv="offload"
-  slim-resident-sdpa    slim-resident with SLIM_DECODE_ATTN=sdpa (one masked SDPA call per layer)
-  slim-resident-matmul  slim-resident with SLIM_DECODE_ATTN=matmul (decode attention as matmuls)
-  slim-resident-nofuse  slim-resident with SLIM_DECODE_FUSE=0 (separate q/k/v and gate/up GEMMs)
-  slim-offload-p<N>     slim-offload with SLIM_COPY_PROGRAMS=N (the block-copy kernel on N programs)
+  slim-resident-sdpa    slim-resident with decode_attention="sdpa" (one masked SDPA call per layer)
+  slim-resident-matmul  slim-resident with decode_attention="matmul" (decode attention as matmuls)
+  slim-resident-nofuse  slim-resident with decode_fuse=False (separate q/k/v and gate/up GEMMs)
+  slim-offload-p<N>     slim-offload with copy_programs=N (the block-copy kernel on N programs)
 and records TTFT (generate with one new token), end-to-end time for --new tokens, decode
 ms/token = (E2E - TTFT) / (new - 1), peak GPU memory, KV bytes on the GPU and in host memory,
 and for slim the prompt KV kept on the GPU and the decoder's step / CUDA-graph capture / replay counts
@@ -45,7 +45,7 @@ from ttft import add_model_args, build_model  # noqa: E402
 
 VARIANTS = ["hf-eager", "hf-static-compiled", "hf-offload", "slim-resident", "slim-offload", "slim-resident-sdpa",
             "slim-resident-matmul", "slim-resident-nofuse"]
-ATTN_SUFFIXES = ("sdpa", "matmul", "triton")  # slim-resident-<impl>: SLIM_DECODE_ATTN=<impl>
+ATTN_SUFFIXES = ("sdpa", "matmul", "triton")  # slim-resident-<impl>: options decode_attention=<impl>
 
 
 def _sync(device: str) -> None:
@@ -196,24 +196,26 @@ def profile_decode_steps(name: str, cache, tok, out_dir: str, steps: int = 6) ->
     return stats
 
 
+def variant_options(name: str, slim_options: str) -> dict[str, Any]:
+    """The `slimcompile.compile` options of a slim variant: kv from its name, then --slim-options,
+    then the variant's switch (decode attention, weight fusion, copy programs) as an option."""
+    opts: dict[str, Any] = {"kv": "offload" if name.startswith("slim-offload") else "resident"}
+    opts.update(json.loads(slim_options))
+    impl = name.rsplit("-", 1)[-1]
+    if name.startswith("slim-resident-") and impl in ATTN_SUFFIXES:  # another decode attention
+        opts["decode_attention"] = impl
+    if name == "slim-resident-nofuse":
+        opts["decode_fuse"] = False
+    if name.startswith("slim-offload-p"):
+        opts["copy_programs"] = int(name[len("slim-offload-p"):])
+    return opts
+
+
 def run_variant(name: str, model, lengths, args, f) -> None:
     import slimcompile
 
-    from slimcompile.runtime.decode import ENV_ATTN
-    from slimcompile.runtime.block_copy import ENV_PROGRAMS
-    from slimcompile.runtime.fused_weights import ENV_FUSE
-
     if name.startswith("slim"):
-        opts = {"kv": "offload" if name.startswith("slim-offload") else "resident"}
-        opts.update(json.loads(args.slim_options))
-        slimcompile.compile(model, **opts)
-    impl = name.rsplit("-", 1)[-1]
-    if name.startswith("slim-resident-") and impl in ATTN_SUFFIXES:  # another decode attention
-        os.environ[ENV_ATTN] = impl
-    if name == "slim-resident-nofuse":
-        os.environ[ENV_FUSE] = "0"
-    if name.startswith("slim-offload-p"):
-        os.environ[ENV_PROGRAMS] = name[len("slim-offload-p"):]
+        slimcompile.compile(model, **variant_options(name, args.slim_options))
     try:
         for i, L in enumerate(lengths):
             new = args.offload_new if name == "hf-offload" else args.new
@@ -256,12 +258,7 @@ def run_variant(name: str, model, lengths, args, f) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
     finally:
-        os.environ.pop(ENV_ATTN, None)
-        os.environ.pop(ENV_FUSE, None)
-        os.environ.pop(ENV_PROGRAMS, None)
-        if hasattr(model, "slim"):
-            model.forward = model.slim.original_forward
-            del model.slim
+        slimcompile.uncompile(model)  # the class's forward and generate again (the next variant starts clean)
         torch._dynamo.reset()
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -4,7 +4,7 @@
 #   CHECK=0            skip bench/gpu_check.py
 #   GPU_TESTS=1        run the CUDA-only tests (pytest -k cuda) of the kernels and the KV runtime
 #   PROBE=1            run bench/recompile_probe.py (which guard recompiles per prompt length) once per
-#                      mode in PROBE_MODES (flatten: default passes; noflatten: SLIM_FLATTEN_LINEAR=0)
+#                      mode in PROBE_MODES (flatten: default passes; noflatten: option flatten_linear=False)
 #   REPS=n             ttft.py repetitions per length (default 3; REPS=1 to only fill the Inductor cache)
 #   PROFILE_LENGTH=L   ttft.py also profiles one prefill per variant at length L (kernel time by category)
 #   WARM="<variants>"  then time those variants again in a second process at the first length: with the
@@ -42,10 +42,10 @@ fi
 if [ "${PROBE:-0}" = 1 ]; then
   for mode in ${PROBE_MODES:-flatten}; do
     case $mode in
-      noflatten) env_mode="SLIM_FLATTEN_LINEAR=0" ;;
-      *) env_mode="SLIM_FLATTEN_LINEAR=1" ;;
+      noflatten) probe_flag="--no-flatten-linear" ;;
+      *) probe_flag="" ;;
     esac
-    env $env_mode python3 bench/recompile_probe.py --impl auto --lengths "${PROBE_LENGTHS:-6000,9000,13000}" 2>&1 | grep -v -i warn > "$OUT/probe_$mode.log"
+    python3 bench/recompile_probe.py --impl auto $probe_flag --lengths "${PROBE_LENGTHS:-6000,9000,13000}" 2>&1 | grep -v -i warn > "$OUT/probe_$mode.log"
     grep "compilations" "$OUT/probe_$mode.log" | sed "s/^/[$mode] /"
   done
 fi

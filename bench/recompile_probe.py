@@ -2,20 +2,19 @@
 
 Compiles a small LLaMA with a two-layer ratio schedule, runs several prompt lengths, and prints
 every shape guard that pins a length expression to a number, with the stack that added it. Run
-once with the Triton scoring path and once with SLIM_SCORING_IMPL=torch to bisect.
+once with the Triton scoring path and once with `--impl torch` (option scoring_impl) to bisect.
 
-    python bench/recompile_probe.py [--impl triton|torch] [--device cuda]
+    python bench/recompile_probe.py [--impl triton|torch] [--no-flatten-linear] [--device cuda]
 
 Each length's logits and per-layer KV lengths are compared with `slimcompile.reference` (so a
 fix that drops a guard the compiled code needed shows up as a mismatch). Candidate fixes are
-switched by environment variables (SLIM_FLATTEN_LINEAR=0 turns the linear flattening off).
+switched by options (`--no-flatten-linear`: flatten_linear=False turns the linear flattening off).
 Guards recorded outside the passes' shape re-propagation (AOTAutograd, Inductor) are marked so.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import traceback
 
 import torch
@@ -24,13 +23,14 @@ from torch.fx.experimental import symbolic_shapes
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", default="auto")
+    p.add_argument("--impl", default="auto", help="option scoring_impl: auto, triton or torch")
+    p.add_argument("--no-flatten-linear", dest="flatten_linear", action="store_false",
+                   help="option flatten_linear=False (brings back the per-length recompile on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # every length keeps > 2048 tokens after the first pruning layer, so no length is special for
     # the scoring kernel's 2048-key splits
     p.add_argument("--lengths", default="6000,9000,13000")
     args = p.parse_args()
-    os.environ["SLIM_SCORING_IMPL"] = args.impl
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import slimcompile  # noqa: F401
@@ -68,7 +68,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
-    opts = {"prune_layers": [1, 3], "keep_ratio": 0.5, "block_size": 32, "window": 32, "sink": 32, "min_prune_len": 512}
+    opts = {"prune_layers": [1, 3], "keep_ratio": 0.5, "block_size": 32, "window": 32, "sink": 32, "min_prune_len": 512,
+            "scoring_impl": args.impl, "flatten_linear": args.flatten_linear}
     fn = torch.compile(model, backend="slim", options=opts, dynamic=True)
     from slimcompile import reference
     from slimcompile.options import parse_options

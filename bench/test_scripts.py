@@ -22,11 +22,12 @@ def _rows(path):
 def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
     import e2e
 
+    env_before = dict(os.environ)
     e2e.main(TINY + ["--lengths", "600", "--new", "3", "--out", str(tmp_path), "--variants", "hf-eager,slim-resident,slim-offload,slim-resident-matmul,slim-offload-p2",
                      "--slim-options", json.dumps({"prune_layers": [0], "decode_budget": 64})])
     rows = {r["variant"]: r for r in _rows(tmp_path / "e2e.jsonl")}
     assert set(rows) == {"hf-eager", "slim-resident", "slim-offload", "slim-resident-matmul", "slim-offload-p2"}, rows
-    assert "SLIM_DECODE_ATTN" not in os.environ and "SLIM_COPY_PROGRAMS" not in os.environ
+    assert not any(k.startswith("SLIM_") for k in os.environ if k not in env_before)  # variants are options
     assert all("error" not in r and r["e2e_ms"] > 0 and r["new"] == 3 for r in rows.values())
     unpruned = rows["hf-eager"]["host_kv"]  # on the CPU every buffer is "host"
     assert rows["slim-resident"]["gpu_prompt_kv"] < unpruned  # pruned after layer 0
@@ -37,6 +38,21 @@ def test_e2e_script_runs_and_reports_kv_bytes(tmp_path):
     slim = rows["slim-resident"]
     assert slim["warmup_dynamo_graphs"] >= 1 and slim["dynamo_graphs"] == 0 and slim["inductor_cache_misses"] == 0
     assert slim["step_ms_median"] > 0 and slim["step_ms_max"] >= slim["step_ms_median"]
+
+
+def test_e2e_variants_switch_by_options_not_the_environment(monkeypatch):
+    """Each comparison variant is a `slimcompile.compile` option (validated, visible in `model.slim.options`)."""
+    import e2e
+
+    from slimcompile.options import parse_options
+
+    base = '{"prune_layers": [0]}'
+    assert e2e.variant_options("slim-resident-matmul", base) == {"kv": "resident", "prune_layers": [0], "decode_attention": "matmul"}
+    assert e2e.variant_options("slim-resident-nofuse", base)["decode_fuse"] is False
+    assert e2e.variant_options("slim-offload-p2", base) == {"kv": "offload", "prune_layers": [0], "copy_programs": 2}
+    assert e2e.variant_options("slim-resident", base) == {"kv": "resident", "prune_layers": [0]}
+    monkeypatch.setenv("SLIM_DECODE_ATTN", "sdpa")  # an environment default never overrides the variant
+    assert parse_options(e2e.variant_options("slim-resident-matmul", base)).decode_attention == "matmul"
 
 
 def test_token_clock_finds_slow_steps():

@@ -141,7 +141,7 @@ def _prune_after(gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any,
     q_win = em.call(operator.getitem, q, (slice(None), slice(None), slice(-o.window, None), slice(None)))
     scores = em.call(
         torch.ops.slim.block_scores.default,
-        q_win, k, float(head_dim) ** -0.5, o.sink, o.block_size, n_arg, o.scoring, o.pooling, o.unit_size,
+        q_win, k, float(head_dim) ** -0.5, o.sink, o.block_size, n_arg, o.scoring, o.pooling, o.unit_size, o.scoring_impl,
     )
     idx = em.call(torch.ops.slim.select_tokens.default, scores, cur_node, o.sink, o.block_size, k_arg)
 

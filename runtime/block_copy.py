@@ -1,13 +1,13 @@
 """Copy chosen KV blocks from host memory into device slots, without a host synchronisation.
 
-`copy_blocks(dst, src, slot_src, changed, row0)` writes, for every batch row b and slot a with
+`copy_blocks(dst, src, slot_src, changed, row0, programs)` writes, for every batch row b and slot a with
 `changed[b, a]`, block `slot_src[b, a]` of `src` [b, Hkv, n, B, d] into rows
 [row0 + a*B, row0 + (a+1)*B) of `dst` [b, Hkv, C, d]. Which blocks move is decided on the device
 (`offload.BlockSelector`), so the indices never reach the host.
 
 On CUDA with `src` in pinned host memory a Triton kernel reads the blocks straight from host
 memory over the bus (zero-copy: pinned memory is mapped into the device's address space under
-unified addressing). A fixed number of programs (`SLIM_COPY_PROGRAMS`, default 64) loop over
+unified addressing). A fixed number of programs (option `copy_programs`, default 64) loop over
 the (slot, kv head) jobs: with one program per job the copy takes every SM while it waits on the
 bus and slows the main stream's GEMMs and KV writes (measured on an H200, bench/RESULTS.md).
 Slots that did not change load nothing.
@@ -17,11 +17,7 @@ as the semantics.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-ENV_PROGRAMS = "SLIM_COPY_PROGRAMS"
 
 try:
     import triton
@@ -77,29 +73,22 @@ if HAS_TRITON:
             tl.store(dst, x, mask=mask)
 
 
-DEFAULT_PROGRAMS = 64  # bench/RESULTS.md, session 4: 10.95-11.6 ms/token at 32K against 12.8-13.5 with one program per block
-
-
-def copy_programs() -> int:
-    """SLIM_COPY_PROGRAMS: how many programs the copy kernel runs (default 64; 0: one per (slot, kv head))."""
-    v = os.environ.get(ENV_PROGRAMS, str(DEFAULT_PROGRAMS)).strip() or str(DEFAULT_PROGRAMS)
-    if not v.isdigit():
-        raise ValueError(f"{ENV_PROGRAMS} must be a whole number of programs (0: one per block and kv head), got {v!r}")
-    return int(v) or 1 << 30
-
-
 def _triton_ok(dst: torch.Tensor, src: torch.Tensor) -> bool:
     B, d = src.shape[3], src.shape[4]
     pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
     return HAS_TRITON and dst.is_cuda and not src.is_cuda and src.is_pinned() and pow2(B) and pow2(d) and B >= 1
 
 
-def copy_blocks(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tensor, changed: torch.Tensor, row0: int) -> None:
-    """Copy the changed slots' blocks from `src` into `dst` (see the module docstring)."""
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tensor, changed: torch.Tensor, row0: int,
+                programs: int) -> None:
+    """Copy the changed slots' blocks from `src` into `dst` (see the module docstring); `programs`:
+    the kernel's program count (the `copy_programs` option; 0: one per slot and kv head). The
+    default 64 (bench/RESULTS.md, session 4): 10.95-11.6 ms/token at 32K against 12.8-13.5 with
+    one program per block."""
     if not _triton_ok(dst, src):
         copy_blocks_torch(dst, src, slot_src, changed, row0)
         return
-    launch_copy_kernel(dst, src, slot_src, changed, row0, copy_programs())
+    launch_copy_kernel(dst, src, slot_src, changed, row0, programs)
 
 
 def launch_copy_kernel(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Tensor, changed: torch.Tensor, row0: int, programs: int) -> None:
@@ -108,7 +97,7 @@ def launch_copy_kernel(dst: torch.Tensor, src: torch.Tensor, slot_src: torch.Ten
     slot = slot_src.contiguous()
     moved = changed.to(torch.int8).contiguous()
     total = b * A * h
-    n_prog = min(total, programs)
+    n_prog = min(total, programs) if programs > 0 else total
     _copy_blocks_kernel[(n_prog,)](
         src, dst, slot, moved,
         A, h, total, n_prog, row0,

@@ -8,11 +8,11 @@ length is a device tensor. Grouped-query attention needs no
 (q [b, Hkv, G, d] against k [b, Hkv, C, d]), which is exact for a single decode position.
 
 Around attention, each layer's norms, projections, RoPE and MLP run as two Inductor-compiled
-regions (`SLIM_DECODE_COMPILE`, on by default on CUDA), compiled once and shared by all layers:
+regions (option `decode_compile`, on by default on CUDA), compiled once and shared by all layers:
 fused elementwise work instead of ~40 small kernels per layer; the pre-attention region also
 stores the new k/v in the cache (Inductor fuses k's store into the RoPE kernel). The attention and the KV hooks
 (offload's side-stream copies) stay outside them. Where `slimcompile.compile` fused a
-layer's q/k/v and gate/up weights (runtime/fused_weights.py, `SLIM_DECODE_FUSE`), the regions
+layer's q/k/v and gate/up weights (runtime/fused_weights.py, option `decode_fuse`), the regions
 run one GEMM for q/k/v and one for gate/up.
 
 With static shapes and no host synchronisation the whole step (32 layers, ~520 kernels on the
@@ -23,7 +23,6 @@ step runs eagerly (offload chooses its first active set there).
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -31,31 +30,18 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from slimcompile.runtime import decode_attention
-from slimcompile.runtime.fused_weights import fuse_enabled, fused_of
+from slimcompile.runtime.config import RuntimeConfig
+from slimcompile.runtime.fused_weights import fused_of
 from slimcompile.runtime.kv_cache import SlimKVCache, write_token
-from slimcompile.runtime.regions import CompiledRegion, compile_regions
+from slimcompile.runtime.regions import CompiledRegion
 
 
-ENV_ATTN = "SLIM_DECODE_ATTN"
-ATTN_IMPLS = ("auto", "triton", "sdpa", "matmul")
-
-
-def decode_attention_impl(device: torch.device) -> str:
-    """SLIM_DECODE_ATTN: "auto" (default: "triton" on CUDA when triton is installed, else "sdpa"),
-    "triton", "sdpa" or "matmul" (bench/RESULTS.md compares them on an H200)."""
-    v = os.environ.get(ENV_ATTN, "auto").strip().lower() or "auto"
-    if v not in ATTN_IMPLS:
-        raise ValueError(f"{ENV_ATTN} must be one of {', '.join(ATTN_IMPLS)}, got {v!r}")
-    if v == "auto":
-        return "triton" if device.type == "cuda" and decode_attention.HAS_TRITON else "sdpa"
-    if v == "triton" and (device.type != "cuda" or not decode_attention.HAS_TRITON):
-        raise ValueError(f"{ENV_ATTN}=triton needs triton and a CUDA device (this model is on {device.type}); "
-                         "use auto, sdpa or matmul")
-    return v
-
-
-def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: torch.Tensor, scale: float,
+                             impl: str) -> torch.Tensor:
     """q [b, Hq, 1, d] over rows [0, n) of keys/values [b, Hkv, C, d] (n: [1] device tensor); returns [b, 1, Hq * d].
+
+    `impl` (the `decode_attention` option resolved by `RuntimeConfig.attention_impl`; bench/RESULTS.md
+    compares them on an H200):
 
     "triton": the split-K kernel of `runtime.decode_attention`, which spreads the key axis over
     the whole GPU. "sdpa": one masked SDPA call; on CUDA that is the memory-efficient kernel,
@@ -66,7 +52,6 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     b, hq, _, d = q.shape
     hkv = keys.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)
-    impl = decode_attention_impl(q.device)
     if impl == "triton":
         o = decode_attention.triton_decode_attention(qg, keys, values, n, scale)
     else:
@@ -129,16 +114,19 @@ def dynamic_capacity(k_buf: torch.Tensor, v_buf: torch.Tensor) -> tuple[torch.Te
 
 
 class StaticDecoder:
-    """Runs decode steps of `model` against `cache`; CUDA-graph replay when `use_graph`."""
+    """Runs decode steps of `model` against `cache` as `config` says (CUDA-graph replay when
+    `config.cuda_graphs` on CUDA; attention implementation, compiled regions, fused weights)."""
 
-    def __init__(self, model: torch.nn.Module, cache: SlimKVCache, batch: int, use_graph: bool):
+    def __init__(self, model: torch.nn.Module, cache: SlimKVCache, batch: int, config: RuntimeConfig):
         self.model = model
         # A weak reference: the cache owns its decoder (cache.decoder), and a cycle would keep the
         # KV buffers (and offload's pooled host buffers) alive until a garbage collection.
         self._cache = weakref.ref(cache)
         dev = next(model.parameters()).device
         self.device = dev
-        self.use_graph = use_graph and dev.type == "cuda"
+        self.config = config
+        self.use_graph = config.cuda_graphs and dev.type == "cuda"
+        self.attention_impl = config.attention_impl(dev)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.step_no = torch.zeros(1, dtype=torch.long, device=dev)  # generated tokens before this one
         # RoPE position of this step's token per sequence: the given position_ids, or by default
@@ -150,13 +138,13 @@ class StaticDecoder:
         self.steps = 0
         self.captures = 0  # graphs recorded; with `replays`, tells a benchmark whether decode ran as graphs
         self.replays = 0
-        regions = compile_regions(dev)
+        regions = config.compile_regions(dev)
         self.pre = CompiledRegion(attention_inputs, regions)
         self.post = CompiledRegion(attention_output_and_mlp, regions)
         self.fused_pre = CompiledRegion(fused_attention_inputs, regions)
         self.fused_post = CompiledRegion(fused_attention_output_and_mlp, regions)
         # Views of each layer's fused q/k/v and gate/up weights, where `slimcompile.compile` fused them.
-        fuse = fuse_enabled(dev)
+        fuse = config.fuse_weights(dev)
         self.fused = [fused_of(layer) if fuse else None for layer in model.model.layers]
 
     @property
@@ -183,7 +171,8 @@ class StaticDecoder:
             else:
                 q = self.fused_pre(layer, fw.qkv, fw.qkv_bias, fw.qkv_sizes, h, cos, sin, *bufs, row)
             kv.before_attention(q)
-            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, lengths[li : li + 1], layer.self_attn.scaling)
+            o = grouped_decode_attention(q, kv.k_buf, kv.v_buf, lengths[li : li + 1], layer.self_attn.scaling,
+                                         self.attention_impl)
             kv.after_attention(q)
             h = self.post(layer, h, o) if fw is None else self.fused_post(layer, fw.gate_up, fw.inter, h, o)
         for kv in self.cache.layers:

@@ -7,7 +7,7 @@ are built once, in place: each projection's parameter becomes a row-slice view o
 matrix, so no weight is stored twice and the model's own modules (the compiled prefill) read the
 same memory as the decode step.
 
-`SLIM_DECODE_FUSE`: "auto" (default: on CUDA), "1" or "0". A layer whose projections are not
+The `decode_fuse` option (`RuntimeConfig.fuse_weights`): "auto" (default: on CUDA), True or False. A layer whose projections are not
 plain `nn.Linear` on one device and dtype (quantised, offloaded by accelerate, mixed biases)
 stays unfused. Nothing but the parameters holds the fused storage: the decode step finds the
 fused matrix by checking that a group's parameters lie back to back in one storage
@@ -20,15 +20,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from slimcompile.runtime.regions import cuda_switch
-
-ENV_FUSE = "SLIM_DECODE_FUSE"
-
-
-def fuse_enabled(device: torch.device) -> bool:
-    """SLIM_DECODE_FUSE: "auto" (default: on CUDA), "1" or "0"."""
-    return cuda_switch(ENV_FUSE, device)
 
 
 @dataclasses.dataclass

@@ -16,10 +16,13 @@ decode itself runs in `slimcompile.runtime.decode`. `kv="offload"` layers live i
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+if TYPE_CHECKING:
+    from slimcompile.runtime.config import RuntimeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,21 +182,21 @@ class SlimKVCache(Cache):
         self.decoder = None  # the runtime decoder bound to these buffers (set by runtime.decode)
 
     @classmethod
-    def from_prefill(cls, kv: Iterable[tuple[torch.Tensor, torch.Tensor]], prompt_len: int, options) -> "SlimKVCache":
-        """Wrap the prefill's per-layer ([b, Hkv, L_layer, d] keys, values) according to `options.kv`.
+    def from_prefill(cls, kv: Iterable[tuple[torch.Tensor, torch.Tensor]], prompt_len: int,
+                     config: "RuntimeConfig") -> "SlimKVCache":
+        """Wrap the prefill's per-layer ([b, Hkv, L_layer, d] keys, values) according to `config.kv`
+        (a `runtime.config.RuntimeConfig`).
 
         Layers are converted one at a time, so an iterable that lets go of each source layer
         (see `drain`) keeps the extra memory of the conversion to one layer's KV.
         """
-        reserve = options.decode_reserve
+        reserve = config.decode_reserve
         layers: list[DecodeLayerKV] = []
         for k, v in kv:
-            if options.kv == "offload":
+            if config.kv == "offload":
                 from slimcompile.runtime.offload import OffloadedLayerKV
 
-                layers.append(OffloadedLayerKV(k, v, reserve, options.sink, options.window, options.block_size,
-                                               options.decode_budget, options.swap_threshold, options.offload_summary,
-                                               options.offload_score, options.unit_size))
+                layers.append(OffloadedLayerKV(k, v, config))
             else:
                 layers.append(ResidentLayerKV(k, v, reserve))
             del k, v

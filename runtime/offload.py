@@ -21,7 +21,7 @@ Policy (`BlockSelector`, plain torch, so the CPU tests run the same code as the 
   (the others stay where they are), and only those slots are copied in.
 Everything is computed on the device, so there is no host synchronisation and the step can be
 replayed as a CUDA graph. A step's selection (`plan_next_active`) runs as one Inductor-compiled
-region on CUDA (`SLIM_DECODE_COMPILE`, runtime/regions.py), compiled once for all layers and prompt
+region on CUDA (option `decode_compile`, runtime/regions.py), compiled once for all layers and prompt
 lengths (the number of blocks is a dynamic size): eagerly it was ~1400 tiny kernels per
 step on the side stream, as long as the block copies themselves (bench/RESULTS.md, session 3).
 
@@ -37,15 +37,15 @@ offload is then exactly the resident cache.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 
 import torch
 
+from slimcompile import env
 from slimcompile.runtime.block_copy import copy_blocks
-from slimcompile.schedule import num_blocks
+from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
-from slimcompile.runtime.regions import CompiledRegion, compile_regions
+from slimcompile.runtime.regions import CompiledRegion
 
 
 class HostBufferPool:
@@ -92,7 +92,7 @@ class HostBufferPool:
             self.free_bytes += size
 
 
-HOST_POOL = HostBufferPool(int(float(os.environ.get("SLIM_HOST_POOL_GIB", "64")) * 2**30))
+HOST_POOL = HostBufferPool(int(env.host_pool_gib() * 2**30))  # SLIM_HOST_POOL_GIB, read once (slimcompile/env.py)
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -168,19 +168,6 @@ class BlockSelector:
         return next_active, changed, overlap
 
 
-ENV_SELECT = "SLIM_OFFLOAD_SELECT"
-
-
-def select_mode() -> str:
-    """SLIM_OFFLOAD_SELECT: "lagged" (default: step t's query picks step t+1's blocks, copied on a
-    side stream during the rest of step t) or "current" (an accuracy diagnostic: each step picks
-    its own blocks before attention and copies them on the main stream)."""
-    v = os.environ.get(ENV_SELECT, "lagged").strip().lower() or "lagged"
-    if v not in ("lagged", "current"):
-        raise ValueError(f"{ENV_SELECT} must be lagged or current, got {v!r}")
-    return v
-
-
 def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Tensor, swaps: torch.Tensor,
                      blocks_copied: torch.Tensor, n_active: int, swap_threshold: float, units: int = 1,
                      combine: str = "max") -> torch.Tensor:
@@ -201,8 +188,7 @@ def plan_next_active(q: torch.Tensor, summaries: torch.Tensor, active: torch.Ten
 _PLAN_REGIONS: dict[bool, CompiledRegion] = {}
 
 
-def _plan_region(device: torch.device) -> CompiledRegion:
-    compiled = compile_regions(device)
+def _plan_region(compiled: bool) -> CompiledRegion:
     if compiled not in _PLAN_REGIONS:
         _PLAN_REGIONS[compiled] = CompiledRegion(plan_next_active, compiled)
     return _PLAN_REGIONS[compiled]
@@ -212,27 +198,20 @@ class OffloadedLayerKV(DecodeLayerKV):
     """One layer's KV with its prompt blocks in host memory and an active set on the device.
 
     Device rows: [0, sink) sink | [sink, sink + A*B) active slots | tail | generated tokens.
+    `config` gives decode_reserve, sink, window, block_size, unit_size, decode_budget,
+    swap_threshold, offload_summary, offload_score, offload_select, copy_programs, decode_compile.
     """
 
-    def __init__(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        reserve: int,
-        sink: int,
-        window: int,
-        block_size: int,
-        decode_budget: int,
-        swap_threshold: float,
-        summary: str = "unitmean",
-        combine: str = "max",
-        unit_size: int = 8,
-    ):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: RuntimeConfig):
+        c = config
+        reserve, window, block_size, unit_size = c.decode_reserve, c.window, c.block_size, c.unit_size
+        summary, combine = c.offload_summary, c.offload_score
         b, h, L, d = keys.shape
         dev = keys.device
-        sink = min(sink, L)
-        n = max(num_blocks(L, sink, window, block_size), 0)
-        A = min(n, max(decode_budget // block_size, 1))
+        sink = min(c.sink, L)
+        # the prunable blocks after the sink, as slimcompile.schedule.num_blocks counts them
+        n = max((L - sink - window) // block_size, 0)
+        A = min(n, max(c.decode_budget // block_size, 1))
         tail = L - sink - n * block_size
         self.sink, self.block_size, self.n_blocks, self.n_active, self.tail = sink, block_size, n, A, tail
         self.all_resident = A == n
@@ -269,9 +248,10 @@ class OffloadedLayerKV(DecodeLayerKV):
         # The block axis is a dynamic size of the compiled selection: layers (pruned or not) and
         # prompt lengths have different numbers of blocks, and each would otherwise compile anew.
         torch._dynamo.maybe_mark_dynamic(self.summaries, self.summaries.dim() - 2)
-        self.selector = BlockSelector(A, swap_threshold, units, combine)
-        self.plan = _plan_region(dev)
-        self.select_mode = select_mode()
+        self.selector = BlockSelector(A, c.swap_threshold, units, combine)
+        self.plan = _plan_region(c.compile_regions(dev))
+        self.select_mode = c.offload_select
+        self.copy_programs = c.copy_programs
         self.active = torch.arange(A, device=dev)[None].repeat(b, 1)  # filled by the first prefetch
         self.primed = False
         self.stream = _side_stream(dev) if pin else None
@@ -301,13 +281,13 @@ class OffloadedLayerKV(DecodeLayerKV):
         else:
             changed = self.plan(q, self.summaries, self.active, self.swaps, self.blocks_copied,
                                 self.n_active, sel.swap_threshold, sel.units, sel.combine)
-        copy_blocks(self.k_buf, self.host_keys, self.active, changed, self.sink)
-        copy_blocks(self.v_buf, self.host_values, self.active, changed, self.sink)
+        copy_blocks(self.k_buf, self.host_keys, self.active, changed, self.sink, self.copy_programs)
+        copy_blocks(self.v_buf, self.host_values, self.active, changed, self.sink, self.copy_programs)
 
     def before_attention(self, q: torch.Tensor) -> None:
         """First step: choose and load the active set from this query. Later steps find it loaded:
         the previous step ended with `join`, which waited for its prefetches. (With
-        SLIM_OFFLOAD_SELECT=current every step selects from its own query here, copying on the
+        offload_select="current" every step selects from its own query here, copying on the
         main stream: no lag, no overlap.)"""
         if self.all_resident:
             return

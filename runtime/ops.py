@@ -4,7 +4,7 @@ Registered through `torch.library` with fake implementations, so Dynamo, AOTAuto
 Inductor trace them with symbolic sizes (the output length is an expression of the input
 sizes, never data-dependent). CPU runs the torch implementation in `scoring_torch`;
 `block_scores` is a `triton_op` whose CUDA attention path runs the Triton kernels of
-`triton_scoring` (SLIM_SCORING_IMPL=torch forces the torch path there too).
+`triton_scoring` unless its `impl` argument (the `scoring_impl` option) is "torch".
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ def block_scores(
     scoring: str,
     pooling: str,
     unit_size: int,
+    impl: str,
 ) -> torch.Tensor:
     """[b, n_blocks] fp32 importance of each prunable block (see DESIGN.md for both scorings).
 
-    scoring="attention" on CUDA runs the Triton kernels of `triton_scoring` (unless
-    SLIM_SCORING_IMPL=torch); everything else runs `scoring_torch`. A `triton_op`: its body is
+    scoring="attention" on CUDA runs the Triton kernels of `triton_scoring` unless impl="torch"
+    (`impl`: the `scoring_impl` option, "auto", "triton" or "torch"; an argument, so the choice is
+    in the graph and every cache key); everything else runs `scoring_torch`. A `triton_op`: its body is
     also its fake implementation (output [b, n_blocks], n_blocks may be symbolic) and Inductor
     traces into it, so it sees the Triton kernels (wrapped with `wrap_triton`) and the torch ops.
     """
     if scoring == "attention":
-        if triton_scoring.use_triton(q):
+        if triton_scoring.use_triton(q, impl):
             return attention_block_scores_triton(q, k, scale, sink, block_size, n_blocks, pooling)
         return scoring_torch.attention_block_scores(q, k, scale, sink, block_size, n_blocks, pooling)
     return scoring_torch.tokenunit_block_scores(q, k, sink, block_size, unit_size, n_blocks)

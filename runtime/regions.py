@@ -4,30 +4,15 @@ The decode step (runtime/decode.py) and offload's block selection (runtime/offlo
 same small function for each of the model's layers. Compiled with `torch.compile` (static
 shapes), each becomes a few fused kernels instead of dozens of tiny ones; Dynamo inlines the
 layer's modules, so one graph serves all layers of one shape. Inside the decode step's CUDA
-graph the compiled kernels are captured like any others.
+graph the compiled kernels are captured like any others. Whether they are compiled is the
+`decode_compile` option (`RuntimeConfig.compile_regions`: on CUDA by default).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
-
-ENV_COMPILE = "SLIM_DECODE_COMPILE"
-
-
-def cuda_switch(env: str, device: torch.device) -> bool:
-    """An "auto" (default: on CUDA) / "1" / "0" switch read from environment variable `env`."""
-    v = os.environ.get(env, "auto").strip().lower() or "auto"
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"{env} must be auto, 0 or 1, got {v!r}")
-    return device.type == "cuda" if v == "auto" else v == "1"
-
-
-def compile_regions(device: torch.device) -> bool:
-    """SLIM_DECODE_COMPILE: "auto" (default: on CUDA), "1" or "0"."""
-    return cuda_switch(ENV_COMPILE, device)
 
 
 class CompiledRegion:

@@ -41,7 +41,6 @@ Hq, Hkv, w, d and block_size are constexprs, i.e. specialised (guards) under tor
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -60,27 +59,20 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 # True when the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1 before import).
 INTERPRETED = False
 
-ENV_IMPL = "SLIM_SCORING_IMPL"
 LOG2E = 1.4426950408889634
+IMPLS = ("auto", "triton", "torch")
 
 
-def impl_choice() -> str:
-    """The value of SLIM_SCORING_IMPL: "auto" (default), "triton" or "torch"."""
-    v = os.environ.get(ENV_IMPL, "auto").strip().lower() or "auto"
-    if v not in ("auto", "triton", "torch"):
-        raise ValueError(f"{ENV_IMPL} must be auto, triton or torch, got {v!r}")
-    return v
-
-
-def use_triton(q: torch.Tensor) -> bool:
+def use_triton(q: torch.Tensor, impl: str) -> bool:
     """Whether scoring="attention" on this input takes the Triton kernels.
 
-    Triton needs CUDA tensors (and triton importable); SLIM_SCORING_IMPL=torch forces the torch
-    path everywhere. Read when the op runs (eager) or is traced (torch.compile): under compile the
-    choice is baked into the compiled graph, so change it only in a fresh process / after
-    `torch._dynamo.reset()` (and note the AOTAutograd cache key does not include it).
+    Triton needs CUDA tensors (and triton importable); impl="torch" (the `scoring_impl` option)
+    forces the torch path everywhere. `impl` is an argument of the `slim::block_scores` op, so it
+    is part of the traced graph and of every cache key (Dynamo, AOTAutograd, Inductor).
     """
-    return HAS_TRITON and q.is_cuda and impl_choice() != "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"slim::block_scores impl must be one of {list(IMPLS)}, got {impl!r}")
+    return HAS_TRITON and q.is_cuda and impl != "torch"
 
 
 def next_pow2(n: int) -> int:
@@ -433,13 +425,11 @@ def pool_token_partials(
 
 
 __all__ = [
-    "ENV_IMPL",
     "HAS_TRITON",
     "attention_block_scores_triton",
     "attention_token_partials",
     "attention_token_scores_triton",
     "default_config",
     "pool_token_partials",
-    "impl_choice",
     "use_triton",
 ]

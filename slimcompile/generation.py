@@ -45,9 +45,10 @@ import torch
 from slimcompile import hf_compat
 from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
+from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.decode import StaticDecoder
 from slimcompile.runtime.decode_support import runtime_decode_refusal
-from slimcompile.runtime.fused_weights import fuse_enabled, fuse_model
+from slimcompile.runtime.fused_weights import fuse_model
 from slimcompile.runtime.kv_cache import SlimKVCache, drain
 
 _warned: set[str] = set()
@@ -70,6 +71,7 @@ class SlimHandle:
     """
 
     options: SlimOptions
+    runtime: RuntimeConfig  # built once from `options`: what the runtime decoder and its caches read
     compiled_forward: Any
     original_forward: Any
     original_generate: Any
@@ -168,7 +170,7 @@ def _decode(handle: SlimHandle, model: torch.nn.Module, cache: SlimKVCache, inpu
     if positions is None and kw.get("cache_position") is not None:
         positions = kw["cache_position"].view(1, -1)
     if cache.decoder is None:
-        cache.decoder = StaticDecoder(model, cache, input_ids.shape[0], use_graph=handle.options.cuda_graphs)
+        cache.decoder = StaticDecoder(model, cache, input_ids.shape[0], handle.runtime)
     logits = cache.decoder.step(input_ids, positions)
     return hf_compat.causal_lm_output(logits, cache)
 
@@ -191,7 +193,7 @@ def compile(
     beyond its depth raise `ValueError` here, not at the first call). With `kv` "resident" or
     "offload", the model is checked once for the runtime decoder (`runtime.decode_support`); a
     model it does not implement exactly decodes with `kv="dynamic"` and one warning. On CUDA
-    (`SLIM_DECODE_FUSE`), each layer's q/k/v and gate/up weights are first moved, in place, into
+    (option `decode_fuse`), each layer's q/k/v and gate/up weights are first moved, in place, into
     one matrix per group (same values; runtime/fused_weights.py). `backend` may be a
     `functools.partial(slim_backend, lower=False)` to skip Inductor (tests).
     """
@@ -199,19 +201,22 @@ def compile(
     if opts.pruning:
         opts.resolve(model.config.num_hidden_layers)
     uncompile(model)
+    runtime = RuntimeConfig.from_options(opts)
     refusal = runtime_decode_refusal(model) if opts.kv != "dynamic" else None
     if refusal is None and opts.kv != "dynamic" and "forward" in vars(model):
         refusal = "model.forward is overridden on the instance (the runtime decoder would bypass it)"
     if refusal is not None:
         _warn_once(f"slimcompile: kv={opts.kv!r} falls back to kv='dynamic' (transformers' cache through the "
                    f"compiled graph) for this model: {refusal}")
-    elif opts.kv != "dynamic" and fuse_enabled(next(model.parameters()).device):
+    elif opts.kv != "dynamic":
+        runtime.attention_impl(next(model.parameters()).device)  # decode_attention="triton" off CUDA: refused now
+    if refusal is None and opts.kv != "dynamic" and runtime.fuse_weights(next(model.parameters()).device):
         # Before tracing, so the compiled prefill is built on the fused layout it will keep.
         fuse_model(model)
     original = model.forward
     original_generate = model.generate
     compiled = torch.compile(original, backend=backend, options=opts, dynamic=dynamic)
-    handle = SlimHandle(opts, compiled, original, original_generate, refusal)
+    handle = SlimHandle(opts, runtime, compiled, original, original_generate, refusal)
 
     @functools.wraps(original)
     def forward(*args: Any, **kw: Any) -> Any:
@@ -240,7 +245,7 @@ def compile(
         if why is not None:
             _warn_once(f"slimcompile: this call decodes through transformers' cache (kv='dynamic'): {why}")
             return out
-        hf_compat.set_output_cache(out, SlimKVCache.from_prefill(drain(out_cache), input_ids.shape[1], opts))
+        hf_compat.set_output_cache(out, SlimKVCache.from_prefill(drain(out_cache), input_ids.shape[1], runtime))
         return out
 
     @functools.wraps(original_generate)

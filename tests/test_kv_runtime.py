@@ -10,12 +10,18 @@ import slimcompile
 from slimcompile import reference
 from slimcompile.options import SlimOptionError, parse_options
 from slimcompile.runtime.block_copy import HAS_TRITON, copy_blocks, copy_blocks_torch
+from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.kv_cache import ResidentLayerKV, SlimKVCache, write_token
 from slimcompile.runtime.offload import BlockSelector, OffloadedLayerKV
 
 from slimtest import PASS_BACKEND, SMALL, ids, tiny
 
 CUDA = torch.cuda.is_available()
+
+
+def _rt(**options):
+    """The runtime's config from options (validated like the user's)."""
+    return RuntimeConfig.from_options(parse_options({**SMALL, **options}))
 
 
 def _kv(b=1, h=2, L=50, d=8, seed=0):
@@ -50,7 +56,7 @@ def test_cache_from_pruned_prefill_keeps_per_layer_lengths():
     opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
     x = ids(50)
     state = reference.prefill(model, x, opts.resolve(4))
-    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, opts)
+    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, RuntimeConfig.from_options(opts))
     lengths = [layer.prompt_len for layer in cache.layers]
     assert lengths[0] == lengths[1] == 50 and lengths[2] == lengths[3] < 50
     assert cache.get_seq_length() == 50
@@ -60,17 +66,18 @@ def test_cache_from_pruned_prefill_keeps_per_layer_lengths():
     assert cache.prompt_bytes_on_device() == sum(lengths) * row
 
 
-def _offloaded(budget, L=70, seed=0):
+def _offloaded(budget, L=70, seed=0, **options):
     k, v = _kv(L=L, seed=seed)
-    return k, v, OffloadedLayerKV(k, v, reserve=4, sink=2, window=4, block_size=4, decode_budget=budget, swap_threshold=0.9)
+    config = _rt(kv="offload", decode_reserve=4, sink=2, window=4, block_size=4, decode_budget=budget,
+                 swap_threshold=0.9, offload_summary="mean", **options)
+    return k, v, OffloadedLayerKV(k, v, config)
 
 
 @pytest.mark.parametrize("mode", ["lagged", "current"])
-def test_offload_selects_with_the_previous_or_the_current_query(monkeypatch, mode):
-    """Default: step t's query chooses the blocks step t+1 attends over. SLIM_OFFLOAD_SELECT=current:
+def test_offload_selects_with_the_previous_or_the_current_query(mode):
+    """Default: step t's query chooses the blocks step t+1 attends over. offload_select="current":
     each step's own query chooses its blocks, before its attention."""
-    monkeypatch.setenv("SLIM_OFFLOAD_SELECT", mode)
-    k, v, layer = _offloaded(budget=8, L=130)
+    k, v, layer = _offloaded(budget=8, L=130, offload_select=mode)
     layer.selector.swap_threshold = 1.01  # always swap: the set is exactly the top blocks
     g = torch.Generator().manual_seed(5)
     qs = [torch.randn(1, 4, 1, 8, generator=g) for _ in range(3)]
@@ -93,7 +100,7 @@ def test_offload_round_trip_is_bit_exact():
     assert layer.host_keys.shape == (1, 2, n, 4, 8)
     # Fetch every block back through the copy path and compare with the prompt's own rows.
     dst = torch.zeros(1, 2, n * 4, 8)
-    copy_blocks(dst, layer.host_keys, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), 0)
+    copy_blocks(dst, layer.host_keys, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), 0, 64)
     assert torch.equal(dst, k[:, :, 2 : 2 + n * 4])
     # sink and tail stay on the device, at the ends of the active region
     assert torch.equal(layer.keys[:, :, :2], k[:, :, :2])
@@ -181,8 +188,8 @@ def test_softmax_score_is_not_decided_by_the_largest_head():
 def test_unitmean_scores_a_block_by_its_best_unit():
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 64, 8, generator=g)
-    layer = OffloadedLayerKV(keys, keys.clone(), reserve=2, sink=4, window=4, block_size=8, decode_budget=16,
-                             swap_threshold=0.9, summary="unitmean", unit_size=4)
+    layer = OffloadedLayerKV(keys, keys.clone(), _rt(kv="offload", decode_reserve=2, sink=4, window=4, block_size=8,
+                                                     decode_budget=16, offload_summary="unitmean", unit_size=4))
     n = layer.n_blocks
     assert layer.summaries.shape == (1, 2, n * 2, 8) and layer.selector.units == 2
     body = keys[:, :, 4 : 4 + n * 8].reshape(1, 2, n * 2, 4, 8).mean(dim=3)
@@ -212,29 +219,31 @@ def _generate(kv, budget, x, new=8, **extra):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "matmul", "auto"])
-def test_grouped_decode_attention_equals_repeated_kv_attention(attn, monkeypatch):
+def test_grouped_decode_attention_equals_repeated_kv_attention(attn):
     from slimcompile.runtime.decode import grouped_decode_attention
 
-    monkeypatch.setenv("SLIM_DECODE_ATTN", attn)
+    impl = _rt(decode_attention=attn).attention_impl(torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :, :13].repeat_interleave(4, 1), v[:, :, :13].repeat_interleave(4, 1), scale=0.3
     ).transpose(1, 2).reshape(2, 1, 128)
-    torch.testing.assert_close(grouped_decode_attention(q, k, v, torch.tensor([13]), 0.3), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v, torch.tensor([13]), 0.3, impl), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_impl_rejects_unknown_values(monkeypatch):
-    from slimcompile.runtime.decode import decode_attention_impl
-
+def test_decode_attention_option_rejects_unknown_values(monkeypatch):
+    with pytest.raises(SlimOptionError, match="decode_attention.*'auto', 'triton', 'sdpa', 'matmul'"):
+        _rt(decode_attention="flash")
     monkeypatch.setenv("SLIM_DECODE_ATTN", "flash")
-    with pytest.raises(ValueError, match="SLIM_DECODE_ATTN must be one of auto, triton, sdpa, matmul"):
-        decode_attention_impl(torch.device("cpu"))
-    monkeypatch.setenv("SLIM_DECODE_ATTN", "auto")
-    assert decode_attention_impl(torch.device("cpu")) == "sdpa"  # the Triton kernel is for CUDA
-    monkeypatch.setenv("SLIM_DECODE_ATTN", "triton")
-    with pytest.raises(ValueError, match="SLIM_DECODE_ATTN=triton needs triton and a CUDA device"):
-        decode_attention_impl(torch.device("cpu"))
+    with pytest.raises(SlimOptionError, match="SLIM_DECODE_ATTN='flash'"):
+        _rt()
+    monkeypatch.delenv("SLIM_DECODE_ATTN")
+    assert _rt().attention_impl(torch.device("cpu")) == "sdpa"  # the Triton kernel is for CUDA
+    with pytest.raises(ValueError, match="decode_attention='triton' needs triton and a CUDA device"):
+        _rt(decode_attention="triton").attention_impl(torch.device("cpu"))
+    model = tiny("llama", 2)  # refused at compile, before any generation
+    with pytest.raises(ValueError, match="decode_attention='triton' needs triton and a CUDA device"):
+        slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, decode_attention="triton")
 
 
 def test_kv_dynamic_keeps_the_compiled_decode_path():
@@ -283,15 +292,14 @@ def test_cuda_stream_and_graph_paths_match_the_synchronous_path(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("programs", ["0", "2", "5"])
-def test_cuda_host_block_copy_matches_torch_copy(monkeypatch, programs):
-    monkeypatch.setenv("SLIM_COPY_PROGRAMS", programs)
+@pytest.mark.parametrize("programs", [0, 2, 5])
+def test_cuda_host_block_copy_matches_torch_copy(programs):
     src = torch.randn(2, 3, 7, 16, 64).to(torch.bfloat16).pin_memory()
     slot = torch.tensor([[6, 0, 3], [1, 2, 5]], device="cuda")
     changed = torch.tensor([[True, False, True], [True, True, False]], device="cuda")
     a = torch.zeros(2, 3, 5 + 3 * 16, 64, dtype=torch.bfloat16, device="cuda")
     b = a.clone()
-    copy_blocks(a, src, slot, changed, 5)
+    copy_blocks(a, src, slot, changed, 5, programs)
     copy_blocks_torch(b, src.cuda(), slot, changed, 5)
     assert torch.equal(a, b)
 
@@ -301,7 +309,7 @@ import torch
 from slimcompile.runtime.block_copy import launch_copy_kernel, copy_blocks_torch
 src = torch.randn(2, 3, 7, 16, 64)
 slot = torch.tensor([[6, 0, 3], [1, 2, 5]]); changed = torch.tensor([[True, False, True], [True, True, False]])
-for programs in (1 << 30, 5, 2, 1):
+for programs in (0, 5, 2, 1):
     a = torch.randn(2, 3, 5 + 3 * 16 + 2, 64); b = a.clone()
     launch_copy_kernel(a, src, slot, changed, 5, programs)
     copy_blocks_torch(b, src, slot, changed, 5)
@@ -318,15 +326,18 @@ def test_copy_kernel_in_the_interpreter_for_any_number_of_programs():
     proc = subprocess.run([sys.executable, "-c", COPY_KERNEL_SCRIPT], env=dict(os.environ, TRITON_INTERPRET="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["1073741824", "True", "5", "True", "2", "True", "1", "True"]
+    assert proc.stdout.split() == ["0", "True", "5", "True", "2", "True", "1", "True"]
 
 
-def test_copy_programs_rejects_bad_values(monkeypatch):
-    from slimcompile.runtime.block_copy import copy_programs
-
+def test_copy_programs_reach_the_offloaded_layer(monkeypatch):
+    with pytest.raises(SlimOptionError, match="copy_programs.*>= 0"):
+        _rt(copy_programs=-1)
     monkeypatch.setenv("SLIM_COPY_PROGRAMS", "many")
-    with pytest.raises(ValueError, match="SLIM_COPY_PROGRAMS must be a whole number"):
-        copy_programs()
+    with pytest.raises(SlimOptionError, match="SLIM_COPY_PROGRAMS='many'"):
+        _rt()
+    monkeypatch.setenv("SLIM_COPY_PROGRAMS", "7")
+    assert _offloaded(budget=8)[2].copy_programs == 7
+    assert _offloaded(budget=8, copy_programs=0)[2].copy_programs == 0  # the option wins
 
 
 def test_host_buffers_are_reused_by_the_next_generation():
@@ -378,7 +389,7 @@ def test_demo_counts_held_tokens_not_spare_rows():
     model = tiny("llama", 2)
     opts = parse_options({**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
     state = reference.prefill(model, ids(50), opts.resolve(4))
-    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, opts)
+    cache = SlimKVCache.from_prefill(zip(state.keys, state.values), 50, RuntimeConfig.from_options(opts))
     cache.advance()
     total, counts = kv_bytes(cache)
     assert counts == [k.shape[2] + 1 for k in state.keys]
@@ -400,25 +411,23 @@ def test_conversion_releases_the_prefill_cache_layer_by_layer():
             seen.append([layer.keys is None for layer in dc.layers])
             yield kv
 
-    cache = SlimKVCache.from_prefill(watch(drain(dc)), 22, parse_options({"enabled": False}))
+    cache = SlimKVCache.from_prefill(watch(drain(dc)), 22, _rt(enabled=False))
     assert seen == [[True, False, False], [True, True, False], [True, True, True]]
     assert [layer.prompt_len for layer in cache.layers] == [20, 21, 22]
 
 
 @pytest.mark.parametrize("kv", ["resident", "offload"])
 def test_compiled_decode_regions_match_eager_and_compile_once(monkeypatch, kv):
-    """SLIM_DECODE_COMPILE=1 (the CUDA default): the Inductor-compiled per-layer regions (and
+    """decode_compile=True (the CUDA default): the Inductor-compiled per-layer regions (and
     offload's selection) give the eager step's logits, and one graph per region serves every layer."""
     from slimcompile.runtime import offload
 
     torch._dynamo.reset()
     x = ids(300)
     budget = 2048 if kv == "resident" else 16  # offload: a small active set, so blocks swap
-    monkeypatch.setenv("SLIM_DECODE_COMPILE", "0")
-    _, _, eager = _generate(kv, budget, x, new=5)
-    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
+    _, _, eager = _generate(kv, budget, x, new=5, decode_compile=False)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _, _, compiled = _generate(kv, budget, x, new=5)
+    _, _, compiled = _generate(kv, budget, x, new=5, decode_compile=True)
     dec = compiled.past_key_values.decoder
     assert dec.pre.compiled is not None and dec.post.compiled is not None  # no fallback to eager
     regions = 2 if kv == "resident" else 3
@@ -437,10 +446,9 @@ def test_a_new_prompt_length_compiles_nothing_new(monkeypatch, kv):
     buffers' capacity and offload's number of blocks as dynamic sizes, so a second length reuses
     every compiled graph (no compile inside that generation, no march towards the recompile limit)."""
     torch._dynamo.reset()
-    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
     model = tiny("llama", 2, seed=3)
     slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, prune_layers=[1], keep_ratio=0.5, kv=kv,
-                        decode_budget=16, decode_reserve=3)
+                        decode_budget=16, decode_reserve=3, decode_compile=True)
     counts = []
     for length in (300, 420, 520):
         x = ids(length)
@@ -463,9 +471,15 @@ def test_decode_region_falls_back_to_eager_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="decode step runs eagerly.*RuntimeError: no backend for this"):
         assert region(torch.ones(1)).item() == 2
     assert region.compiled is None
-    monkeypatch.setenv("SLIM_DECODE_COMPILE", "yes")
-    with pytest.raises(ValueError, match="SLIM_DECODE_COMPILE must be auto, 0 or 1"):
-        regions.compile_regions(torch.device("cpu"))
+    with pytest.raises(SlimOptionError, match="decode_compile.*'auto', True or False"):
+        _rt(decode_compile="yes")
+    monkeypatch.setenv("SLIM_DECODE_COMPILE", "2")
+    with pytest.raises(SlimOptionError, match="SLIM_DECODE_COMPILE='2'"):
+        _rt()
+    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
+    assert _rt().compile_regions(torch.device("cpu")) and not _rt(decode_compile=False).compile_regions(torch.device("cpu"))
+    monkeypatch.delenv("SLIM_DECODE_COMPILE")
+    assert not _rt().compile_regions(torch.device("cpu")) and _rt().compile_regions(torch.device("cuda"))
 
 
 def test_a_finished_generation_releases_its_cache_without_a_gc_pass():
@@ -516,26 +530,22 @@ def test_fusing_projections_keeps_the_model_and_shares_storage(arch):
 
 @pytest.mark.parametrize("kv", ["resident", "offload"])
 def test_fused_decode_gives_the_unfused_tokens(monkeypatch, kv):
-    """SLIM_DECODE_FUSE=1 (the CUDA default): one GEMM for q/k/v and one for gate/up, same tokens."""
+    """decode_fuse=True (the CUDA default): one GEMM for q/k/v and one for gate/up, same tokens."""
     torch._dynamo.reset()
     x = ids(300)
     budget = 2048 if kv == "resident" else 16
-    monkeypatch.setenv("SLIM_DECODE_COMPILE", "1")
-    monkeypatch.setenv("SLIM_DECODE_FUSE", "0")
-    _, _, plain = _generate(kv, budget, x, new=6)
+    _, _, plain = _generate(kv, budget, x, new=6, decode_compile=True, decode_fuse=False)
     assert all(f is None for f in plain.past_key_values.decoder.fused)
-    monkeypatch.setenv("SLIM_DECODE_FUSE", "1")
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _, _, fused = _generate(kv, budget, x, new=6)
+    _, _, fused = _generate(kv, budget, x, new=6, decode_compile=True, decode_fuse=True)
     dec = fused.past_key_values.decoder
     assert all(f is not None for f in dec.fused) and dec.fused_pre.compiled is not None and dec.fused_post.compiled is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= 1 + (2 if kv == "resident" else 3)
     assert torch.equal(fused.sequences, plain.sequences)
     for a, b in zip(fused.logits, plain.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("SLIM_DECODE_FUSE", "on")
-    with pytest.raises(ValueError, match="SLIM_DECODE_FUSE must be auto, 0 or 1"):
-        _generate(kv, budget, x, new=2)
+    with pytest.raises(SlimOptionError, match="decode_fuse.*'auto', True or False"):
+        _generate(kv, budget, x, new=2, decode_fuse="on")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -545,9 +555,8 @@ def test_cuda_fused_decode_through_inductor_matches_unfused(monkeypatch):
     outs = {}
     for fuse in ("0", "1"):
         torch._dynamo.reset()
-        monkeypatch.setenv("SLIM_DECODE_FUSE", fuse)
         model = tiny("llama", 2, seed=3).cuda()
-        slimcompile.compile(model, **{**SMALL, "prune_layers": [1], "keep_ratio": 0.5})
+        slimcompile.compile(model, **{**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "decode_fuse": fuse == "1"})
         outs[fuse] = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                                     return_dict_in_generate=True, output_logits=True)
         assert all((f is not None) == (fuse == "1") for f in outs[fuse].past_key_values.decoder.fused)

@@ -115,10 +115,10 @@ def test_interpreter_matches_oracle(interpreter_results, case):
 SINK, WINDOW, BS = 4, 8, 16
 
 
-def _scores_fn(scoring: str = "attention", pooling: str = "max"):
+def _scores_fn(scoring: str = "attention", pooling: str = "max", impl: str = "auto"):
     def f(q, k):
         n = (k.shape[2] - SINK - WINDOW) // BS
-        return torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, scoring, pooling, 8)
+        return torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, scoring, pooling, 8, impl)
 
     return f
 
@@ -129,27 +129,57 @@ def test_op_cpu_uses_torch_path():
     q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 150, 16)
     n = (150 - SINK - WINDOW) // BS
     for pooling in ("max", "mean"):
-        out = torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, "attention", pooling, 8)
+        out = torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, "attention", pooling, 8, "auto")
         torch.testing.assert_close(out, st.attention_block_scores(q, k, 0.25, SINK, BS, n, pooling))
-    out = torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, "tokenunit", "max", 8)
+    out = torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, n, "tokenunit", "max", 8, "auto")
     torch.testing.assert_close(out, st.tokenunit_block_scores(q, k, SINK, BS, 8, n))
     assert out.shape == (2, n)
 
 
-def test_impl_env_switch(monkeypatch):
-    from slimcompile.runtime import triton_scoring as ts
+def test_impl_argument():
+    from slimcompile.runtime import ops, triton_scoring as ts  # noqa: F401
 
-    monkeypatch.delenv(ts.ENV_IMPL, raising=False)
-    assert ts.impl_choice() == "auto"
     q = torch.zeros(1, 1, 1, 16)
-    assert not ts.use_triton(q)  # CPU tensors never take the Triton path
-    monkeypatch.setenv(ts.ENV_IMPL, "torch")
-    assert ts.impl_choice() == "torch"
-    monkeypatch.setenv(ts.ENV_IMPL, "Triton")
-    assert ts.impl_choice() == "triton"
-    monkeypatch.setenv(ts.ENV_IMPL, "cuda")
-    with pytest.raises(ValueError):
-        ts.impl_choice()
+    for impl in ("auto", "triton", "torch"):
+        assert not ts.use_triton(q, impl)  # CPU tensors never take the Triton path
+    if ts.HAS_TRITON:
+        qm = torch.empty(1, 1, 1, 16, device="meta")
+        assert not ts.use_triton(qm, "torch")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ts.use_triton(q, "cuda")
+    k = torch.randn(1, 1, 60, 16)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        torch.ops.slim.block_scores(q, k, 0.25, SINK, BS, 3, "attention", "max", 8, "cuda")
+
+
+def test_scoring_impl_option_is_an_argument_of_the_op_in_the_graph():
+    """options['scoring_impl'] reaches slim::block_scores as its last argument, so it is in the
+    traced graph (and so in Dynamo's and AOTAutograd's cache keys): two compilations that differ only
+    in it give two different graphs."""
+    import functools
+
+    import slimcompile
+    from slimcompile.backend import slim_backend
+
+    from slimtest import SMALL, ids, tiny
+
+    graphs = {}
+    for impl in ("torch", "triton"):
+        torch._dynamo.reset()
+        model = tiny("llama", 2)
+        before = len(slimcompile.COMPILATIONS)
+        fast = torch.compile(model, backend=functools.partial(slim_backend, lower=False), dynamic=True,
+                             options={**SMALL, "prune_layers": [1], "keep_ratio": 0.5, "scoring_impl": impl})
+        with torch.no_grad():
+            fast(ids(64))
+        rec = list(slimcompile.COMPILATIONS)[before:]
+        assert rec and all(r.options.scoring_impl == impl for r in rec)
+        graphs[impl] = next(r.graph for r in rec if r.variant == "slim")
+    torch._dynamo.reset()
+    for impl, gm in graphs.items():
+        (node,) = [n for n in gm.graph.nodes if n.target == torch.ops.slim.block_scores.default]
+        assert node.args[-1] == impl
+    assert graphs["torch"].code != graphs["triton"].code
 
 
 def test_fake_shape_is_symbolic():
@@ -176,7 +206,7 @@ def test_triton_path_traces_with_symbolic_length(monkeypatch):
 
     from slimcompile.runtime import ops, triton_scoring  # noqa: F401
 
-    monkeypatch.setattr(triton_scoring, "use_triton", lambda q: True)
+    monkeypatch.setattr(triton_scoring, "use_triton", lambda q, impl: True)
     graphs = []
 
     class _Stop(Exception):
@@ -251,7 +281,6 @@ CUDA_CASES = [
 def test_cuda_matches_oracle(case, monkeypatch):
     from slimcompile.runtime import ops, scoring_torch as st, triton_scoring as ts  # noqa: F401
 
-    monkeypatch.delenv(ts.ENV_IMPL, raising=False)
     b, hq, hkv, w, d, L, dt, pooling, sink, B = case
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, hq, w, d, device="cuda", generator=g).to(dt)
@@ -259,7 +288,7 @@ def test_cuda_matches_oracle(case, monkeypatch):
     scale = d**-0.5
     n = (L - sink - w) // B
     assert ts.use_triton(q)
-    out = torch.ops.slim.block_scores(q, k, scale, sink, B, n, "attention", pooling, 8)
+    out = torch.ops.slim.block_scores(q, k, scale, sink, B, n, "attention", pooling, 8, "auto")
     ref = st.attention_block_scores(q, k, scale, sink, B, n, pooling)
     assert out.shape == (b, n) and out.dtype == torch.float32
     tol = dict(rtol=2e-3, atol=1e-6) if dt != torch.float32 else dict(rtol=1e-4, atol=1e-7)
@@ -282,7 +311,6 @@ def test_cuda_compile_inductor_sees_kernels(monkeypatch):
 
     from slimcompile.runtime import ops, scoring_torch as st, triton_scoring as ts  # noqa: F401
 
-    monkeypatch.delenv(ts.ENV_IMPL, raising=False)
     torch._dynamo.reset()
     cf = torch.compile(_scores_fn(), backend="inductor", fullgraph=True, dynamic=True)
     for i, L in enumerate((3000, 4321)):
