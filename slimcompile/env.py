@@ -15,10 +15,11 @@ are parsed (`parse_options`), parsed like the option (case-insensitive words; `1
 | `SLIM_DECODE_ATTN` | `decode_attention` | `auto`, `triton`, `sdpa`, `matmul` |
 | `SLIM_DECODE_COMPILE` | `decode_compile` | `auto`, `1`, `0` |
 | `SLIM_DECODE_FUSE` | `decode_fuse` | `auto`, `1`, `0` |
-| `SLIM_COPY_PROGRAMS` | `copy_programs` | a whole number (`0`: one program per block and kv head) |
+| `SLIM_COPY_PROGRAMS` | `copy_programs` | a whole number |
 | `SLIM_OFFLOAD_SELECT` | `offload_select` | `lagged`, `current` |
 
-The table is `SlimOptions`' `env` metadata (tests/test_options.py checks it). Not option defaults:
+The table is generated from `SlimOptions`' `env` metadata (`python -m slimcompile.options`; tests/test_options.py
+checks it). Not option defaults:
 
 - `SLIM_HOST_POOL_GIB` (`host_pool_gib()`): the most GiB of free pinned host buffers that
   kv="offload" keeps for reuse, process-wide (default 64); read once, when runtime/offload.py is

@@ -5,7 +5,8 @@ default, its help (the README's options table is generated from it, `options_tab
 test compares the two), its validator and the environment variable, if any, that provides its
 default (read only in `slimcompile/env.py`; an explicit option always wins). `DEFAULTS` and
 `HELP` are derived from the fields. Adding an option is one `_opt(...)` field below (plus its
-use); cross-field rules live in `_validate`.
+use), then `python -m slimcompile.options` regenerates the README's table and env.py's list of
+variables (tests fail while they are stale); cross-field rules live in `_validate`.
 """
 
 from __future__ import annotations
@@ -259,6 +260,42 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def env_table() -> str:
+    """slimcompile/env.py's table of the environment defaults (markdown), generated from the fields."""
+    rows = ["| variable | default of option | values |", "|---|---|---|"]
+    for f in FIELDS:
+        if f.metadata["env"]:
+            allowed = getattr(f.metadata["check"], "allowed", None)
+            if f.metadata["check"] is _auto_bool:
+                values = "`auto`, `1`, `0`"
+            elif isinstance(f.default, bool):
+                values = "`1`, `0`"
+            elif allowed:
+                values = ", ".join(f"`{v}`" for v in allowed)
+            else:
+                values = "a whole number" if isinstance(f.default, int) else "a string"
+            rows.append(f"| `{f.metadata['env']}` | `{f.name}` | {values} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_docs(root: str | None = None) -> list[str]:
+    """Regenerate the README's options table and env.py's variable table from the fields
+    (`python -m slimcompile.options`); returns the files it changed."""
+    import pathlib
+
+    base = pathlib.Path(root) if root else pathlib.Path(__file__).resolve().parents[1]
+    changed = []
+    for path, head, table in ((base / "README.md", "| key | default | meaning |", options_table()),
+                              (base / "slimcompile" / "env.py", "| variable | default of option | values |", env_table())):
+        text = path.read_text()
+        start = text.index(head)
+        end = text.index("\n\n", start) + 1
+        if text[start:end] != table:
+            path.write_text(text[:start] + table + text[end:])
+            changed.append(str(path))
+    return changed
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSchedule:
     """Options resolved for one model: concrete pruning-layer indices."""
@@ -445,3 +482,7 @@ def _validate(raw: dict[str, Any]) -> SlimOptions:
     if enabled and n > 0 and min_len < need:
         raise _err("min_prune_len", min_len, f"must be >= sink + window + block_size = {need} (one prunable block)")
     return SlimOptions(**v)
+
+
+if __name__ == "__main__":
+    print("\n".join(write_docs()) or "README.md and slimcompile/env.py are up to date")
