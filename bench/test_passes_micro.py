@@ -1,7 +1,7 @@
 """pytest-benchmark: wall time of the slim pass pipeline on a captured tiny-LLaMA Dynamo graph.
 
 The graph is captured once (Dynamo, dynamic shapes); each round copies it and runs the full
-pipeline (analysis, causal mask, decode check, token prune, shape propagation) under the
+pipeline (analysis, causal mask, decode KV, token prune, flatten linear, shape check) under the
 capture's fake mode, i.e. the backend's work before Inductor.
 """
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimcompile.backend import graph_fake_mode, run_passes
+from slimcompile.backend import graph_fake_mode
+from slimcompile.passes.pipeline import run_passes
 from slimcompile.options import parse_options
 
 
@@ -42,5 +43,5 @@ def test_pass_pipeline(benchmark, captured, pruning):
     gm, pm, ctx = benchmark.pedantic(
         run_passes, args=(captured["gm"], opts, captured["fake_mode"], False), rounds=5, warmup_rounds=1
     )
-    assert [r.name for r in pm.records] == ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "shape_prop"]
+    assert [r.name for r in pm.records] == ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
     assert (ctx.mask_removed or not ctx.layer_map.masks()) and len(ctx.prune) == (2 if pruning else 0)

@@ -17,6 +17,7 @@ not visible in the graph, so the mask transformers built is the only proof of al
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from slimcompile.passes.layer_analysis import example_value
-from slimcompile.passes.manager import PassResult
+from slimcompile.passes.base import Findings, SlimPass
 from slimcompile.passes.side_effects import eliminate_dead_code
 
 _COMPARE = {operator.le: "le", operator.ge: "ge", torch.le: "le", torch.ge: "ge"}
@@ -133,45 +134,56 @@ def set_sdpa_mask(sdpa: fx.Node, is_causal: bool) -> None:
     sdpa.args, sdpa.kwargs = tuple(args), kwargs
 
 
-def causal_mask_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
-    lm = ctx.layer_map
-    masks = lm.masks()
-    if not masks:
-        return PassResult(False, "no attention mask in the graph")
-    mask_val = example_value(masks[0])
-    q_len = mask_val.shape[-2]
-    if lm.static_kv:
-        reason = "KV written in place into preallocated buffers (StaticCache): the mask spans max_cache_len, kept"
-        ctx.mask_kept_reason = reason
-        return PassResult(False, reason, {"reason": reason})
-    padding = ctx.padding_inputs if ctx.assume_no_padding else set()
-    for mask in masks:
-        causal, reason = analyse_mask(mask, padding)
-        if causal is None:
-            ctx.mask_kept_reason = reason
-            return PassResult(False, f"mask kept: {reason}", {"reason": reason})
-    kv_len = mask_val.shape[-1]
-    if not lm.has_past and not _same_size(q_len, kv_len):
-        reason = f"{q_len} queries over {kv_len} keys without a past: alignment unknown, mask kept"
-        ctx.mask_kept_reason = reason
-        return PassResult(False, reason, {"reason": reason})
-    if not lm.has_past:
-        is_causal = True
-    elif q_len == 1:
-        is_causal = False
-    else:
-        reason = "multi-token step over a cache: causal alignment is bottom-right, mask kept"
-        ctx.mask_kept_reason = reason
-        return PassResult(False, reason, {"reason": reason})
-    removed = sorted({n.name for m in masks for n in _ancestors(m) if n.op != "placeholder"})
-    for layer in lm.layers:
-        set_sdpa_mask(layer.sdpa, is_causal)
-        layer.mask = None
-    eliminate_dead_code(gm)
-    ctx.mask_removed = True
-    shape = f"[{', '.join(str(s) for s in mask_val.shape)}]"
-    return PassResult(
-        True,
-        f"causal mask {shape} removed ({len(masks)} mask node(s)); {len(lm.layers)} SDPA calls now is_causal={is_causal}",
-        {"mask_shape": shape, "is_causal": is_causal, "removed_nodes": removed, "mask_nodes": len(masks)},
-    )
+@dataclasses.dataclass(frozen=True)
+class CausalMaskFindings(Findings):
+    removed: bool = False  # the pass removed the mask transformers built
+    kept_reason: str | None = None  # why a mask in the graph was kept (None: removed, or there was none)
+    is_causal: bool | None = None
+    mask_shape: str | None = None
+    removed_nodes: tuple[str, ...] = ()
+    mask_nodes: int = 0
+
+
+def _kept(reason: str, summary: str | None = None) -> CausalMaskFindings:
+    return CausalMaskFindings(False, summary or reason, kept_reason=reason)
+
+
+class CausalMask(SlimPass):
+    """A pure causal mask feeding SDPA becomes `attn_mask=None, is_causal=...` (module docstring)."""
+
+    name = "causal_mask"
+    requires = ("layer_analysis",)
+
+    def __call__(self, gm: fx.GraphModule, inputs: Any, findings: Any) -> CausalMaskFindings:
+        lm = findings["layer_analysis"].layer_map
+        masks = lm.masks()
+        if not masks:
+            return CausalMaskFindings(False, "no attention mask in the graph")
+        mask_val = example_value(masks[0])
+        q_len = mask_val.shape[-2]
+        if lm.static_kv:
+            return _kept("KV written in place into preallocated buffers (StaticCache): the mask spans max_cache_len, kept")
+        padding = inputs.padding_inputs if inputs.assume_no_padding else set()
+        for mask in masks:
+            causal, reason = analyse_mask(mask, padding)
+            if causal is None:
+                return _kept(reason, f"mask kept: {reason}")
+        kv_len = mask_val.shape[-1]
+        if not lm.has_past and not _same_size(q_len, kv_len):
+            return _kept(f"{q_len} queries over {kv_len} keys without a past: alignment unknown, mask kept")
+        if not lm.has_past:
+            is_causal = True
+        elif q_len == 1:
+            is_causal = False
+        else:
+            return _kept("multi-token step over a cache: causal alignment is bottom-right, mask kept")
+        removed = tuple(sorted({n.name for m in masks for n in _ancestors(m) if n.op != "placeholder"}))
+        for layer in lm.layers:
+            set_sdpa_mask(layer.sdpa, is_causal)
+        eliminate_dead_code(gm)
+        shape = f"[{', '.join(str(s) for s in mask_val.shape)}]"
+        return CausalMaskFindings(
+            True,
+            f"causal mask {shape} removed ({len(masks)} mask node(s)); {len(lm.layers)} SDPA calls now is_causal={is_causal}",
+            removed=True, is_causal=is_causal, mask_shape=shape, removed_nodes=removed, mask_nodes=len(masks),
+        )

@@ -3,31 +3,28 @@
 On an H200 (torch 2.11) the fake implementation of CUDA's 3-D `linear`, given a [b, kept, h]
 input whose length is a pruned-length expression, calls `sizes()`, which pins the kept length
 to the first prompt's value: one recompilation per prompt length (bench/RESULTS.md). A 2-D
-input goes straight to `mm`. This helper rewrites `linear(x, w, b)` into
-`linear(x.reshape(-1, h), w, b).reshape(b, kept, -1)` for the given nodes; the token-prune pass
-applies it to the nodes after a pruning layer, before re-propagating shapes. With it the
-recompile probe (`python bench/recompile_probe.py` on CUDA) no longer shows the pinning guard.
-SLIM_FLATTEN_LINEAR=0 turns it off (to reproduce the recompile). Inductor lowers a 3-D linear
-to the same `mm` on a view, so the generated code does not change.
+input goes straight to `mm`. This pass rewrites `linear(x, w, b)` into
+`linear(x.reshape(-1, h), w, b).reshape(b, kept, -1)` for every 3-D linear after the first
+pruning layer (token_prune's `cut`); the shape check re-propagates their example values. With
+it the recompile probe (`python bench/recompile_probe.py` on CUDA) no longer shows the pinning
+guard. The `flatten_linear` option (SLIM_FLATTEN_LINEAR=0) turns it off, to reproduce the
+recompile. Inductor lowers a 3-D linear to the same `mm` on a view, so the generated code does
+not change.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Iterable
+import dataclasses
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from slimcompile.passes.base import Findings, SlimPass, copy_provenance
 from slimcompile.passes.layer_analysis import example_value
 
-ENV = "SLIM_FLATTEN_LINEAR"
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip() != "0"
 
 
 def flatten_linears(graph: fx.Graph, nodes: Iterable[fx.Node]) -> list[fx.Node]:
@@ -47,7 +44,30 @@ def flatten_linears(graph: fx.Graph, nodes: Iterable[fx.Node]) -> list[fx.Node]:
             out2 = graph.call_function(n.target, (flat, *n.args[1:]), dict(n.kwargs))
         with graph.inserting_after(out2):
             out = graph.call_method("reshape", (out2, b, length, -1))
+        copy_provenance(n, (b, length, flat, out2, out))
         n.replace_all_uses_with(out)
         graph.erase_node(n)
         added += [b, length, flat, out2, out]
     return added
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenLinearFindings(Findings):
+    converted: int = 0  # 3-D linears rewritten into 2-D ones
+
+
+class FlattenLinear(SlimPass):
+    name = "flatten_linear"
+    requires = ("token_prune",)
+
+    def __call__(self, gm: fx.GraphModule, inputs: Any, findings: Any) -> FlattenLinearFindings:
+        cut = findings["token_prune"].cut
+        if cut is None:
+            return FlattenLinearFindings(False, "nothing pruned: linears unchanged")
+        if not getattr(inputs.options, "flatten_linear", True):
+            return FlattenLinearFindings(False, "off (flatten_linear=False): 3-D linears after the cut kept")
+        nodes = list(gm.graph.nodes)
+        later = nodes[nodes.index(cut) + 1:]
+        added = flatten_linears(gm.graph, later)
+        count = len(added) // 5
+        return FlattenLinearFindings(bool(added), f"{count} 3-D linear(s) after layer cut {cut.name} now 2-D", converted=count)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from slimcompile.passes.manager import PassResult
+from slimcompile.passes.base import Findings, SlimPass
 from slimcompile.passes.side_effects import has_side_effect
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -47,10 +47,15 @@ class LayerNodes:
     sdpa: fx.Node
     kv_outputs: tuple[fx.Node, fx.Node] | None  # the cache's key/value tensors after update
     past_kv: tuple[fx.Node, fx.Node] | None  # placeholders of the cache before update (decode)
-    mask: fx.Node | None  # the SDPA attn_mask argument (per layer: narrowed to its KV length)
+    mask: fx.Node | None  # the SDPA attn_mask argument in the captured graph
     # An in-place write into the tensor SDPA reads as keys (StaticCache's `keys.index_copy_`):
     # the layer's KV lives in a preallocated buffer that outlives the call.
     kv_write: fx.Node | None = None
+
+    @property
+    def current_mask(self) -> fx.Node | None:
+        """The mask the SDPA call reads now (passes rewrite the graph, never this analysis)."""
+        return sdpa_mask(self.sdpa)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -62,7 +67,7 @@ class LayerNodes:
             "sdpa": self.sdpa.name,
             "kv_outputs": [n.name for n in self.kv_outputs] if self.kv_outputs else None,
             "past_kv": [n.name for n in self.past_kv] if self.past_kv else None,
-            "mask": self.mask.name if self.mask is not None else None,
+            "mask": self.current_mask.name if self.current_mask is not None else None,
             "kv_write": self.kv_write.name if self.kv_write is not None else None,
         }
 
@@ -81,20 +86,31 @@ class LayerMap:
         return any(layer.kv_write is not None for layer in self.layers)
 
     def masks(self) -> list[fx.Node]:
-        """Distinct SDPA mask nodes, in layer order."""
-        return list(dict.fromkeys(layer.mask for layer in self.layers if layer.mask is not None))
+        """Distinct mask nodes the SDPA calls read now, in layer order (read from the graph)."""
+        return list(dict.fromkeys(m for layer in self.layers if (m := layer.current_mask) is not None))
 
     def summary(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
             "layer_type": self.layer_type,
             "num_layers": len(self.layers),
-            "masks": sorted({layer.mask.name for layer in self.layers if layer.mask is not None}),
+            "masks": sorted({m.name for m in self.masks()}),
             "seq_len": str(self.seq_len),
             "has_past": self.has_past,
             "static_kv": self.static_kv,
             "layers": [layer.summary() for layer in self.layers],
         }
+
+
+def sdpa_mask(sdpa: fx.Node) -> fx.Node | None:
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    return mask if isinstance(mask, fx.Node) else None
+
+
+def count_layers(gm: fx.GraphModule) -> int:
+    """Decoder layers named in the graph's `nn_module_stack` (0 if none): resolves the schedule."""
+    found = {hit[0] for n in gm.graph.nodes if (hit := _layer_of(n)) is not None}
+    return max(found) + 1 if found else 0
 
 
 def example_value(node: Any) -> Any:
@@ -194,8 +210,7 @@ def analyze(gm: fx.GraphModule) -> LayerMap:
         else:
             k = k_src
         kv_write = _inplace_write(k_src) or _inplace_write(v_src)
-        mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
-        mask = mask if isinstance(mask, fx.Node) else None
+        mask = sdpa_mask(sdpa)
         # The layer's output is the node every later computation reads the residual stream from.
         outs = [
             n
@@ -236,13 +251,24 @@ def analyze(gm: fx.GraphModule) -> LayerMap:
     )
 
 
-def layer_analysis_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
-    ctx.layer_map = analyze(gm)
-    lm = ctx.layer_map
-    return PassResult(
-        False,
-        f"{lm.model_type}: {len(lm.layers)} x {lm.layer_type}, seq_len={lm.seq_len}, "
-        f"{'decode/continuation' if lm.has_past else 'in-place KV buffers (StaticCache-like)' if lm.static_kv else 'prefill'}"
-        f", masks={len(lm.masks())}",
-        lm.summary(),
-    )
+@dataclasses.dataclass(frozen=True)
+class LayerAnalysisFindings(Findings):
+    layer_map: LayerMap | None = None
+
+    def details(self) -> dict[str, Any]:
+        return self.layer_map.summary() if self.layer_map is not None else {}
+
+
+class LayerAnalysis(SlimPass):
+    """Find each decoder layer's nodes; the other passes read the `LayerMap` (never change it)."""
+
+    name = "layer_analysis"
+
+    def __call__(self, gm: fx.GraphModule, inputs: Any, findings: Any) -> LayerAnalysisFindings:
+        lm = analyze(gm)
+        kind = "decode/continuation" if lm.has_past else "in-place KV buffers (StaticCache-like)" if lm.static_kv else "prefill"
+        return LayerAnalysisFindings(
+            False,
+            f"{lm.model_type}: {len(lm.layers)} x {lm.layer_type}, seq_len={lm.seq_len}, {kind}, masks={len(lm.masks())}",
+            lm,
+        )

@@ -17,6 +17,7 @@ model dimension, where a literal would be ambiguous).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
@@ -25,9 +26,9 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from slimcompile import schedule as sched
-from slimcompile.passes import flatten_linear
+from slimcompile.passes import static_length
+from slimcompile.passes.base import Findings, SlimPass, copy_provenance
 from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value
-from slimcompile.passes.manager import PassResult
 from slimcompile.passes.side_effects import eliminate_dead_code
 from slimcompile.passes.shape_prop import refresh_example_values
 from slimcompile.runtime import ops  # noqa: F401  (registers torch.ops.slim)
@@ -38,10 +39,6 @@ STATIC_CACHE_REASON = (
     "pruning needs per-layer lengths - use the default DynamicCache (or slimcompile.compile with "
     "kv='resident') to prune"
 )
-
-_SHAPE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
-_SHAPE_FUNCS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange}
-
 
 def _is_sym(x: Any) -> bool:
     return isinstance(x, torch.SymInt)
@@ -95,46 +92,29 @@ def _unwrap(x: Any) -> Any:
     return x
 
 
-def _model_dims(layer: Any) -> set[int]:
-    """Static sizes of a layer other than its length: heads, head_dim, hidden, GQA groups."""
-    q, k, h = example_value(layer.q), example_value(layer.k), example_value(layer.residual_out)
-    dims = {q.shape[1], q.shape[3], k.shape[1], h.shape[2], q.shape[1] // k.shape[1]}
-    return {int(d) for d in dims if not _is_sym(d)}
-
-
-def _replace_literal(arg: Any, old: int, new: int) -> Any:
-    if isinstance(arg, bool):
-        return arg
-    if isinstance(arg, int):
-        return new if arg == old else arg
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_replace_literal(a, old, new) for a in arg)
-    return arg
-
-
-def _prune_after(gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any, cur_node: Any) -> tuple[Any, Any]:
-    o = ctx.options
+def _prune_after(gm: fx.GraphModule, inputs: Any, i: int, layer: Any, cur_val: Any, cur_node: Any) -> tuple[Any, Any, dict]:
+    """Prune after `layer`: insert scoring, selection and gathers, route later uses to them (and, in
+    a static graph, rewrite the length literals), re-propagate shapes; returns the kept length
+    (value, graph argument) and this layer's report."""
+    o, schedule = inputs.options, inputs.schedule
     graph = gm.graph
     order = {n: j for j, n in enumerate(graph.nodes)}
     cut = order[layer.residual_out]
     later = [n for n in graph.nodes if order[n] > cut and n.op != "output"]
     later_set = set(later)
 
-    fits = sched.budget_fits(ctx.schedule, i, cur_val)
-    n_val, k_val, kept_val = sched.kept_length(ctx.schedule, i, cur_val, fits)
+    fits = sched.budget_fits(schedule, i, cur_val)
+    n_val, k_val, kept_val = sched.kept_length(schedule, i, cur_val, fits)
     static = not _is_sym(cur_val)
-    if static and cur_val in _model_dims(layer):
-        raise UnsupportedGraph(
-            f"static prompt length {cur_val} equals a model dimension, so its literal uses are ambiguous; "
-            "compile with dynamic=True (or call slimcompile.compile) to prune this length"
-        )
+    if static:
+        static_length.check_unambiguous(cur_val, layer)
 
     em = _Emitter(graph, layer.residual_out.next)
     if static:
         n_arg, k_arg, kept_arg = n_val, k_val, kept_val
     else:
         n_arg, k_arg, kept_arg = em.arith(
-            lambda L: sched.kept_length(ctx.schedule, i, L, fits), cur_node
+            lambda L: sched.kept_length(schedule, i, L, fits), cur_node
         )
     q, k = layer.q, layer.k
     head_dim = example_value(q).shape[-1]
@@ -189,39 +169,29 @@ def _prune_after(gm: fx.GraphModule, ctx: Any, i: int, layer: Any, cur_val: Any,
                 changed.add(user)
     literal_edits = 0
     if static:
-        for n in later:
-            if n in added:
-                continue
-            if (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
-                n.op == "call_function" and n.target in _SHAPE_FUNCS
-            ):
-                new_args = _replace_literal(n.args, cur_val, kept_val)
-                if new_args != n.args:
-                    n.args = new_args
-                    literal_edits += 1
-                    changed.add(n)
-    if flatten_linear.enabled():
-        em.added += flatten_linear.flatten_linears(graph, [n for n in later if n not in added])
-        changed = {n for n in changed if not getattr(n, "_erased", False)}
+        edited = static_length.rewrite_literals([n for n in later if n not in added], cur_val, kept_val)
+        literal_edits = len(edited)
+        changed.update(edited)
+    copy_provenance(layer.residual_out, em.added)
     try:
-        refreshed = refresh_example_values(gm, ctx.fake_mode, changed)
+        refreshed = refresh_example_values(gm, inputs.fake_mode, changed)
     except Exception as e:  # a rewrite that breaks shapes must not reach Inductor
         raise UnsupportedGraph(f"pruning after layer {layer.index} breaks shapes: {type(e).__name__}: {e}") from e
-    ctx.prune.append(
+    report = (
         {
             "layer": layer.index,
             "length_in": str(cur_val),
             "n_blocks": str(n_val),
             "kept_blocks": str(k_val),
             "kept_length": str(kept_val),
-            "keep": str(ctx.schedule.keep_at(i)[1]) + (" tokens" if ctx.schedule.keep_at(i)[0] == "tokens" else ""),
+            "keep": str(schedule.keep_at(i)[1]) + (" tokens" if schedule.keep_at(i)[0] == "tokens" else ""),
             "gathered": [layer.residual_out.name] + gathered_extra,
             "inserted": [n.name for n in em.added],
             "literal_edits": literal_edits,
             "nodes_repropagated": refreshed,
         }
     )
-    return kept_val, kept_arg
+    return kept_val, kept_arg, report
 
 
 def _replace_sym(user: fx.Node, old: fx.Node, new: Any) -> None:
@@ -232,36 +202,62 @@ def _replace_sym(user: fx.Node, old: fx.Node, new: Any) -> None:
     user.kwargs = fx.node.map_aggregate(user.kwargs, sub)
 
 
-def token_prune_pass(gm: fx.GraphModule, ctx: Any) -> PassResult:
-    lm, schedule = ctx.layer_map, ctx.schedule
-    if schedule is None or not ctx.options.pruning:
-        return PassResult(False, "pruning disabled")
-    if lm.static_kv:
-        raise UnsupportedGraph(STATIC_CACHE_REASON)
-    if lm.has_past:
-        return PassResult(False, "call extends a cache (decode/continuation): prompt pruning applies to prefill only")
-    if lm.masks():
-        raise UnsupportedGraph(f"the attention mask could not be removed ({ctx.mask_kept_reason}); pruning needs a causal mask")
-    seq = lm.seq_len
-    if not sched.prunes(schedule, seq):
-        guard = f"{seq} < min_prune_len={ctx.options.min_prune_len}"
-        ctx.guards.append(guard)
-        return PassResult(False, f"prompt too short to prune ({guard}): unpruned graph", {"guards": [guard]})
-    if _is_sym(seq):
-        ctx.guards.append(f"{seq} >= {ctx.options.min_prune_len}  (min_prune_len)")
-    seq_node = next(
-        (n for n in gm.graph.nodes if n.op == "placeholder" and _same_len(example_value(n), seq)), None
-    )
-    if _is_sym(seq) and seq_node is None:
-        raise UnsupportedGraph(f"no graph input carries the sequence length {seq}")
-    cur_val, cur_node = seq, (seq_node if _is_sym(seq) else seq)
-    for i, layer_idx in enumerate(schedule.layers):
-        kind, value = schedule.keep_at(i)
-        if kind == "tokens" and _is_sym(cur_val):
-            ctx.guards.append(
-                f"{cur_val} {'<=' if sched.budget_fits(schedule, i, cur_val) else '>'} {value}  (keep_tokens at layer {layer_idx})"
+@dataclasses.dataclass(frozen=True)
+class TokenPruneFindings(Findings):
+    prune: tuple[dict[str, Any], ...] = ()  # one entry per pruning layer
+    guards: tuple[str, ...] = ()  # conditions on the prompt length this graph assumes
+    # The first pruning layer's residual output: nodes after it see pruned lengths (flatten_linear).
+    cut: fx.Node | None = None
+
+    def details(self) -> dict[str, Any]:
+        return {"prune": list(self.prune), "guards": list(self.guards)}
+
+
+class TokenPrune(SlimPass):
+    """After each scheduled layer: block scores, token selection, gathers (module docstring)."""
+
+    name = "token_prune"
+    requires = ("layer_analysis", "causal_mask")
+
+    def __call__(self, gm: fx.GraphModule, inputs: Any, findings: Any) -> TokenPruneFindings:
+        lm, schedule = findings["layer_analysis"].layer_map, inputs.schedule
+        if inputs.schedule_error is not None:
+            raise inputs.schedule_error
+        if schedule is None or not inputs.options.pruning:
+            return TokenPruneFindings(False, "pruning disabled")
+        if lm.static_kv:
+            raise UnsupportedGraph(STATIC_CACHE_REASON)
+        if lm.has_past:
+            return TokenPruneFindings(False, "call extends a cache (decode/continuation): prompt pruning applies to prefill only")
+        if lm.masks():  # what the SDPA calls read now: causal_mask removed a pure causal mask
+            raise UnsupportedGraph(
+                f"the attention mask could not be removed ({findings['causal_mask'].kept_reason}); pruning needs a causal mask"
             )
-        cur_val, cur_node = _prune_after(gm, ctx, i, lm.layers[layer_idx], cur_val, cur_node)
-    eliminate_dead_code(gm)
-    kept = ", ".join(f"L{p['layer']}: {p['length_in']} -> {p['kept_length']}" for p in ctx.prune)
-    return PassResult(True, f"pruned after {len(ctx.prune)} layer(s): {kept}", {"prune": ctx.prune, "guards": ctx.guards})
+        seq = lm.seq_len
+        if not sched.prunes(schedule, seq):
+            guard = f"{seq} < min_prune_len={inputs.options.min_prune_len}"
+            return TokenPruneFindings(False, f"prompt too short to prune ({guard}): unpruned graph", guards=(guard,))
+        guards = []
+        if _is_sym(seq):
+            guards.append(f"{seq} >= {inputs.options.min_prune_len}  (min_prune_len)")
+        seq_node = next(
+            (n for n in gm.graph.nodes if n.op == "placeholder" and _same_len(example_value(n), seq)), None
+        )
+        if _is_sym(seq) and seq_node is None:
+            raise UnsupportedGraph(f"no graph input carries the sequence length {seq}")
+        cur_val, cur_node = seq, (seq_node if _is_sym(seq) else seq)
+        prune = []
+        for i, layer_idx in enumerate(schedule.layers):
+            kind, value = schedule.keep_at(i)
+            if kind == "tokens" and _is_sym(cur_val):
+                guards.append(
+                    f"{cur_val} {'<=' if sched.budget_fits(schedule, i, cur_val) else '>'} {value}  (keep_tokens at layer {layer_idx})"
+                )
+            cur_val, cur_node, report = _prune_after(gm, inputs, i, lm.layers[layer_idx], cur_val, cur_node)
+            prune.append(report)
+        eliminate_dead_code(gm)
+        kept = ", ".join(f"L{p['layer']}: {p['length_in']} -> {p['kept_length']}" for p in prune)
+        return TokenPruneFindings(
+            True, f"pruned after {len(prune)} layer(s): {kept}", prune=tuple(prune), guards=tuple(guards),
+            cut=lm.layers[schedule.layers[0]].residual_out,
+        )

@@ -40,31 +40,40 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from slimcompile import hf_attention  # noqa: F401  (length-aware SDPA for per-layer KV lengths)
 from slimcompile.options import SlimOptionError, SlimOptions, parse_options
-from slimcompile.passes.causal_mask import causal_mask_pass
-from slimcompile.passes.context import SlimContext
-from slimcompile.passes.decode_kv import decode_kv_pass
-from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value, layer_analysis_pass
-from slimcompile.passes.manager import PassManager, PassRecord
-from slimcompile.passes.shape_prop import refresh_example_values
-from slimcompile.passes.token_prune import token_prune_pass
+from slimcompile.passes.base import PassInputs
+from slimcompile.passes.layer_analysis import UnsupportedGraph, example_value
+from slimcompile.passes.pipeline import (  # noqa: F401  (copy_graph_module, run_passes: public here too)
+    CompileContext,
+    PassRecord,
+    copy_graph_module,
+    padding_inputs,
+    run_passes,
+)
 
 log = logging.getLogger("slimcompile")
 
 
 @dataclasses.dataclass
 class Compilation:
-    """What one backend call did; kept for `slimcompile inspect` and tests."""
+    """What one backend call did: the pass records (each with its findings), the read-only
+    context view over inputs and findings, the variant and why it fell back, the final graph."""
 
     options: SlimOptions
     records: list[PassRecord]
-    context: SlimContext
+    context: CompileContext
     fallback: str | None  # why the graph was compiled without (some) rewrites
     variant: str  # "slim", "exact" (no pruning) or "unchanged"
     graph: fx.GraphModule | None = None
 
+    @property
+    def findings(self) -> dict:
+        """Each pass's typed findings, by pass name."""
+        return self.context.findings
 
+
+# The last compilations of this process: a debug aid (`slimcompile inspect`, SLIM_DEBUG). To
+# receive a backend's own records, pass `on_compile=callback` (see `slim_backend`).
 COMPILATIONS: collections.deque[Compilation] = collections.deque(maxlen=64)
 _warned: set[str] = set()
 
@@ -75,67 +84,13 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
-
-
 def graph_fake_mode(gm: fx.GraphModule) -> Any:
     """The fake mode of Dynamo's example values (not the tracing context's): the passes
     re-propagate shapes under it, and its shape env is the one Dynamo installs guards from."""
     return next((v.fake_mode for n in gm.graph.nodes if isinstance(v := example_value(n), FakeTensor)), None)
 
 
-def _padding_inputs(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [
-        (i, n)
-        for i, n in enumerate(phs)
-        if "attention_mask" in n.name
-        and isinstance(example_value(n), torch.Tensor)
-        and example_value(n).dim() == 2
-    ]
-
-
-def _shape_prop_pass(gm: fx.GraphModule, ctx: SlimContext):
-    from slimcompile.passes.manager import PassResult
-
-    try:
-        n = refresh_example_values(gm, ctx.fake_mode)
-    except Exception as e:  # a broken rewrite must not reach Inductor
-        raise UnsupportedGraph(f"rewritten graph fails shape propagation: {type(e).__name__}: {e}") from e
-    return PassResult(False, f"example values consistent ({n} stale node(s) re-propagated)")
-
-
-def run_passes(gm: fx.GraphModule, options: SlimOptions, fake_mode: Any, assume_no_padding: bool):
-    """Run the pipeline on a copy of `gm`; returns (graph, manager, context)."""
-    gm = copy_graph_module(gm)
-    ctx = SlimContext(options=options, fake_mode=fake_mode)
-    ctx.padding_inputs = {n for _, n in _padding_inputs(gm)}
-    ctx.assume_no_padding = assume_no_padding
-    pm = PassManager(
-        [
-            ("layer_analysis", layer_analysis_pass),
-            ("causal_mask", causal_mask_pass),
-            ("decode_kv", decode_kv_pass),
-            ("token_prune", _with_schedule(token_prune_pass)),
-            ("shape_prop", _shape_prop_pass),
-        ]
-    )
-    pm.run(gm, ctx)
-    return gm, pm, ctx
-
-
-def _with_schedule(fn: Callable) -> Callable:
-    def wrapped(gm: fx.GraphModule, ctx: SlimContext):
-        if ctx.options.pruning:
-            ctx.schedule = ctx.options.resolve(len(ctx.layer_map.layers))
-        return fn(gm, ctx)
-
-    wrapped.__name__ = fn.__name__
-    return wrapped
+_padding_inputs = padding_inputs
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -150,7 +105,11 @@ def _call(fn: Callable, args: tuple) -> Any:
     return fn(*args)
 
 
-def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, lower) -> tuple[Callable, Compilation]:
+def _unchanged(options: SlimOptions, fake_mode: Any) -> CompileContext:
+    return CompileContext(PassInputs(options, fake_mode))
+
+
+def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, lower, on_compile=None) -> tuple[Callable, Compilation]:
     try:
         new_gm, pm, ctx = run_passes(gm, options, fake_mode, assume_no_padding)
         variant, fallback = ("slim" if ctx.prune else "exact"), None
@@ -163,16 +122,18 @@ def _compile_variant(gm, example_inputs, options, fake_mode, assume_no_padding, 
                 new_gm, pm, ctx = run_passes(gm, exact, fake_mode, False)
                 variant = "exact"
             except UnsupportedGraph as e2:
-                new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
+                new_gm, pm, ctx, variant = gm, None, _unchanged(options, fake_mode), "unchanged"
                 if str(e2) not in reasons:  # the exact retry often fails for the same reason
                     reasons.append(str(e2))
         else:
-            new_gm, pm, ctx, variant = gm, None, SlimContext(options), "unchanged"
+            new_gm, pm, ctx, variant = gm, None, _unchanged(options, fake_mode), "unchanged"
         fallback = "; and ".join(reasons)
         what = "without pruning" if variant == "exact" else "unchanged (plain Inductor)"
         _warn_once(f"slimcompile: compiling this graph {what}: {fallback}")
     record = Compilation(options, pm.records if pm else [], ctx, fallback, variant, new_gm)
     COMPILATIONS.append(record)
+    if on_compile is not None:
+        on_compile(record)
     _maybe_dump(record)
     return (_inductor(new_gm, example_inputs) if lower else new_gm.forward), record
 
@@ -182,12 +143,16 @@ def slim_backend(
     example_inputs: list,
     options: dict | SlimOptions | None = None,
     lower: bool = True,
+    on_compile: Callable[[Compilation], Any] | None = None,
     **_: Any,
 ):
     """torch.compile backend entry: `torch.compile(model, backend="slim", options={...})`.
 
     `lower=False` runs the rewritten FX graph as Python instead of lowering it through
     Inductor: the same rewrite semantics in seconds, which pass tests use.
+    `on_compile(record)` receives the `Compilation` of every variant this call compiles (e.g.
+    `functools.partial(slim_backend, on_compile=records.append)`): the records without reading
+    the process-wide `COMPILATIONS` deque, which stays as a debug aid.
     """
     try:
         opts = options if isinstance(options, SlimOptions) else parse_options(options)
@@ -202,15 +167,15 @@ def slim_backend(
     fake_mode = graph_fake_mode(gm)
     padding = _padding_inputs(gm)
     if not (opts.pruning and padding):
-        compiled, _ = _compile_variant(gm, example_inputs, opts, fake_mode, False, lower)
+        compiled, _ = _compile_variant(gm, example_inputs, opts, fake_mode, False, lower, on_compile)
         return compiled
 
     # The prompt may carry a padding mask. Prune under the assumption that it is all ones and
     # check that per call; a padded batch runs the exact (unpruned) variant. Both are compiled
     # now, inside Dynamo's compile context, so their shape guards are installed.
-    fast, _ = _compile_variant(gm, example_inputs, opts, fake_mode, True, lower)
+    fast, _ = _compile_variant(gm, example_inputs, opts, fake_mode, True, lower, on_compile)
     exact, _ = _compile_variant(
-        gm, example_inputs, dataclasses.replace(opts, enabled=False), fake_mode, False, lower
+        gm, example_inputs, dataclasses.replace(opts, enabled=False), fake_mode, False, lower, on_compile
     )
     mask_positions = [i for i, _ in padding]
 

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 import torch
 
-from slimcompile import hf_compat
+from slimcompile import hf_attention, hf_compat
 from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
 from slimcompile.runtime.config import RuntimeConfig
@@ -234,7 +234,9 @@ def compile(
                         kw.pop(key)
         # Lifted float attributes (eps, scaling) otherwise make AOTAutograd restart Dynamo's
         # analysis to specialise them, which doubles the first compile.
-        with torch._dynamo.config.patch(specialize_float=True):
+        # hf_attention: transformers 5.17 materialises one mask as wide as layer 0's cache; the
+        # scoped override slices it to each layer's keys while this call is traced and run.
+        with torch._dynamo.config.patch(specialize_float=True), hf_attention.length_aware_sdpa():
             out = compiled(*args, **kw)
         if not (handle.runtime_kv and past == 0 and unpadded and isinstance(input_ids, torch.Tensor)):
             return out

@@ -22,7 +22,7 @@ DOCUMENTED_KEYS = {
     "fallback", "compilations", "passes", "layer_map", "layers", "mask", "prune", "guards", "shape_env_guards",
     "per_layer_tokens", "flops", "ideal_speedup", "kv_bytes", "kept_positions", "inductor_code", "notes", "dump",
 }
-PASSES = ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "shape_prop"]
+PASSES = ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
 # tiny-llama (slimcompile.models.tiny_config): 4 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16.
 SEQ = 1000
 ARGS = ["--model", "tiny-llama", "--seq", str(SEQ), "--set", "prune_layers=[1]", "keep_ratio=0.5"]
