@@ -21,6 +21,7 @@ DOCUMENTED_KEYS = {
     "schema", "model", "traced", "seq", "traced_seq", "seq_symbol", "options", "schedule_layers", "variant",
     "fallback", "compilations", "passes", "layer_map", "layers", "mask", "prune", "guards", "shape_env_guards",
     "per_layer_tokens", "flops", "ideal_speedup", "kv_bytes", "kept_positions", "inductor_code", "notes", "dump",
+    "answer_positions",
 }
 PASSES = ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
 # tiny-llama (slimcompile.models.tiny_config): 4 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16.
