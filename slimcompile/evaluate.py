@@ -593,12 +593,15 @@ class ProgressTracker:
 
     def start(self, total: int, what: str = "") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.table import Column
 
         if self.progress is not None:
             self.stop()
         self.progress = Progress(
             TextColumn(f"{self.label}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[acc]}"),
+            TextColumn("ETA"), TimeRemainingColumn(),
+            # the running accuracies take what is left of the line and are cut there, never the bar
+            TextColumn("{task.fields[acc]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
             console=self.console, transient=False,
         )
         self.progress.start()
@@ -610,7 +613,8 @@ class ProgressTracker:
     def advance(self, n: int, accuracy: dict[str, float]) -> None:
         from rich.markup import escape
 
-        acc = escape("  ".join(f"{k}={v:.2f}" for k, v in accuracy.items())) if accuracy else self.what
+        short = lambda name: name if len(name) <= 28 else name[:27] + "…"  # noqa: E731
+        acc = escape("  ".join(f"{short(k)}={v:.2f}" for k, v in accuracy.items())) if accuracy else self.what
         self.progress.update(self.task, advance=n, acc=acc)
 
     def stop(self) -> None:
