@@ -47,6 +47,16 @@ def _recording_only(hook: object) -> bool:
     return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
+def overrides_forward(module: torch.nn.Module) -> bool:
+    """An instance-level `forward` other than the class's own method bound to this module (code
+    that saved and restored `module.forward` leaves the latter behind, which changes nothing)."""
+    own = vars(module).get("forward")
+    if own is None:
+        return False
+    return not (getattr(own, "__func__", None) is getattr(type(module), "forward", None)
+                and getattr(own, "__self__", None) is module)
+
+
 def _hooks(module: torch.nn.Module) -> bool:
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return any(not _recording_only(h) for h in hooks)
@@ -85,7 +95,7 @@ def runtime_decode_refusal(model: torch.nn.Module) -> str | None:
     for name, module in model.named_modules():
         if _hooks(module):
             return f"module {name or 'model'} has forward hooks (the runtime decoder would bypass them)"
-        if module is not model and "forward" in vars(module):
+        if module is not model and overrides_forward(module):
             return f"module {name} has an instance-level forward override"
     for i, layer in enumerate(inner.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)

@@ -47,7 +47,7 @@ from slimcompile.backend import slim_backend
 from slimcompile.options import SlimOptions, parse_options
 from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.decode import StaticDecoder
-from slimcompile.runtime.decode_support import runtime_decode_refusal
+from slimcompile.runtime.decode_support import overrides_forward, runtime_decode_refusal
 from slimcompile.runtime.fused_weights import fuse_model
 from slimcompile.runtime.kv_cache import SlimKVCache, drain
 
@@ -203,7 +203,7 @@ def compile(
     uncompile(model)
     runtime = RuntimeConfig.from_options(opts)
     refusal = runtime_decode_refusal(model) if opts.kv != "dynamic" else None
-    if refusal is None and opts.kv != "dynamic" and "forward" in vars(model):
+    if refusal is None and opts.kv != "dynamic" and overrides_forward(model):
         refusal = "model.forward is overridden on the instance (the runtime decoder would bypass it)"
     if refusal is not None:
         _warn_once(f"slimcompile: kv={opts.kv!r} falls back to kv='dynamic' (transformers' cache through the "

@@ -104,6 +104,13 @@ def test_a_llama_look_alike_differing_in_one_detail_is_refused():
     model.model.rotary_emb.rope_type = "dynamic"
     assert "dynamic" in runtime_decode_refusal(model)
 
+    model = tiny("llama", 2)
+    model.model.layers[0].mlp.forward = lambda x: 2 * x
+    assert "instance-level forward" in runtime_decode_refusal(model)
+    model = tiny("llama", 2)
+    model.model.layers[0].mlp.forward = model.model.layers[0].mlp.forward  # saved and restored: no change
+    assert runtime_decode_refusal(model) is None
+
     model = tiny("llama", 2).train()
     assert "training" in runtime_decode_refusal(model)
     assert LlamaDecoderLayer is type(tiny("llama", 2).model.layers[0])
@@ -237,3 +244,10 @@ def test_uncompile_restores_the_model():
     slimcompile.uncompile(model)
     assert not hasattr(model, "slim") and "forward" not in vars(model) and "generate" not in vars(model)
     assert model.forward == forward and model.generate == generate
+    # Restoring the original forward by hand leaves the class's own bound method on the instance:
+    # the runtime decoder still serves the model.
+    model.forward = model.forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, enabled=False)
+    assert model.slim.runtime_kv
