@@ -5,7 +5,8 @@ input whose length is a pruned-length expression, calls `sizes()`, which pins th
 to the first prompt's value: one recompilation per prompt length (bench/RESULTS.md). A 2-D
 input goes straight to `mm`. This pass rewrites `linear(x, w, b)` into
 `linear(x.reshape(-1, h), w, b).reshape(b, kept, -1)` for every 3-D linear after the first
-pruning layer (token_prune's `cut`); the shape check re-propagates their example values. With
+pruning layer's output, before token_prune runs (whose shape refresh would otherwise meet the
+3-D linears on pruned lengths); token_prune's refresh computes their example values. With
 it the recompile probe (`python bench/recompile_probe.py` on CUDA) no longer shows the pinning
 guard. The `flatten_linear` option (SLIM_FLATTEN_LINEAR=0) turns it off, to reproduce the
 recompile. Inductor lowers a 3-D linear to the same `mm` on a view, so the generated code does
@@ -57,15 +58,22 @@ class FlattenLinearFindings(Findings):
 
 
 class FlattenLinear(SlimPass):
+    """Runs BEFORE token_prune: token_prune re-propagates fake values after each cut, and a 3-D
+    CUDA linear met there would already have pinned the kept length (a guard Dynamo installs)."""
+
     name = "flatten_linear"
-    requires = ("token_prune",)
+    requires = ("layer_analysis",)
 
     def __call__(self, gm: fx.GraphModule, inputs: Any, findings: Any) -> FlattenLinearFindings:
-        cut = findings["token_prune"].cut
-        if cut is None:
-            return FlattenLinearFindings(False, "nothing pruned: linears unchanged")
+        lm = findings["layer_analysis"].layer_map
+        schedule = inputs.schedule
+        if schedule is None or not inputs.options.pruning or lm.has_past or not schedule.layers:
+            return FlattenLinearFindings(False, "no pruning in this graph: linears unchanged")
         if not getattr(inputs.options, "flatten_linear", True):
             return FlattenLinearFindings(False, "off (flatten_linear=False): 3-D linears after the cut kept")
+        if schedule.layers[0] >= len(lm.layers):
+            return FlattenLinearFindings(False, "the schedule does not fit this graph: linears unchanged")
+        cut = lm.layers[schedule.layers[0]].residual_out
         nodes = list(gm.graph.nodes)
         later = nodes[nodes.index(cut) + 1:]
         added = flatten_linears(gm.graph, later)

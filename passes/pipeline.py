@@ -1,6 +1,6 @@
 """The slim pipeline: which passes run, in what order, and the manager that records them.
 
-    layer_analysis -> causal_mask -> decode_kv -> token_prune -> flatten_linear -> shape_prop
+    layer_analysis -> causal_mask -> decode_kv -> flatten_linear -> token_prune -> shape_prop
 
 `run_passes` copies the Dynamo graph, fixes the `PassInputs` once (the schedule is resolved
 from the layer count the graph names, before any pass runs) and runs the pipeline. The
@@ -29,7 +29,7 @@ from slimcompile.passes.token_prune import TokenPrune
 
 
 def default_passes() -> list[SlimPass]:
-    return [LayerAnalysis(), CausalMask(), DecodeKV(), TokenPrune(), FlattenLinear(), ShapeCheck()]
+    return [LayerAnalysis(), CausalMask(), DecodeKV(), FlattenLinear(), TokenPrune(), ShapeCheck()]
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ DOCUMENTED_KEYS = {
     "per_layer_tokens", "flops", "ideal_speedup", "kv_bytes", "kept_positions", "inductor_code", "notes", "dump",
     "answer_positions",
 }
-PASSES = ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
+PASSES = ["layer_analysis", "causal_mask", "decode_kv", "flatten_linear", "token_prune", "shape_prop"]
 # tiny-llama (slimcompile.models.tiny_config): 4 layers, hidden 64, intermediate 128, 4 heads, 2 KV heads, head_dim 16.
 SEQ = 1000
 ARGS = ["--model", "tiny-llama", "--seq", str(SEQ), "--set", "prune_layers=[1]", "keep_ratio=0.5"]
@@ -124,7 +124,7 @@ def test_slim_debug_dumps_user_compilations(tmp_path, monkeypatch):
         fast(ids(45), use_cache=True, logits_to_keep=1)
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("compile_")]
     assert (folder / "00_layer_analysis.before.py").is_file()
-    assert (folder / "03_token_prune.diff").read_text() != ""
+    assert (folder / "04_token_prune.diff").read_text() != ""
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["variant"] == "slim" and summary["fallback"] is None
     assert [p["name"] for p in summary["passes"]] == PASSES

@@ -170,13 +170,14 @@ def test_flatten_linear_converts_the_linears_after_the_cut(prefill):
     def two_d(gm):  # a linear reading `x.reshape(-1, h)`
         return sum(1 for n in gm.graph.nodes if _fn(*LINEAR_TARGETS)(n) and getattr(n.args[0], "target", None) == "reshape")
 
-    base = [LayerAnalysis(), CausalMask(), TokenPrune()]
-    gm_off, _ = _run(prefill, [*base, FlattenLinear()], {**PRUNE, "flatten_linear": False})
-    gm, pm = _run(prefill, [*base, FlattenLinear()], PRUNE)
+    base = [LayerAnalysis(), CausalMask()]
+    gm_off, _ = _run(prefill, [*base, FlattenLinear(), TokenPrune()], {**PRUNE, "flatten_linear": False})
+    gm, pm = _run(prefill, [*base, FlattenLinear(), TokenPrune()], PRUNE)
     f = pm.findings["flatten_linear"]
     assert f.converted == 7 * 2 + 1  # q,k,v,o,gate,up,down of layers 2 and 3, and lm_head
     assert two_d(gm) == f.converted and two_d(gm_off) == 0
-    assert pm.records[3].nodes_added == 5 * f.converted and pm.records[3].nodes_removed == f.converted
+    assert pm.records[2].nodes_added == 5 * f.converted and pm.records[2].nodes_removed == f.converted
+
 
 
 def test_static_length_rewrites_the_literal_length(static_prefill):
@@ -191,7 +192,7 @@ def test_static_length_rewrites_the_literal_length(static_prefill):
 
 def test_pipeline_order_records_and_findings(prefill):
     gm, pm, ctx = run_passes(prefill["gm"], parse_options(PRUNE), prefill["fake_mode"], False)
-    names = ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
+    names = ["layer_analysis", "causal_mask", "decode_kv", "flatten_linear", "token_prune", "shape_prop"]
     assert [r.name for r in pm.records] == names == [p.name for p in default_passes()]
     assert all(r.findings is pm.findings[r.name] for r in pm.records)
     assert len(ctx.prune) == 2 and ctx.guards and (ctx.mask_removed or not ctx.layer_map.masks())
