@@ -251,3 +251,24 @@ def test_uncompile_restores_the_model():
         warnings.simplefilter("error")
         slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, enabled=False)
     assert model.slim.runtime_kv
+
+
+@pytest.mark.slow
+def test_generation_that_transformers_compiles_itself_stays_exact():
+    """transformers' own auto-compile (a static cache with a compile_config) wraps the model's
+    `__call__`, and so slimcompile's forward, in its torch.compile: the tokens and logits are eager's."""
+    from transformers import CompileConfig
+
+    model = tiny("llama", 2)
+    x = prompt(40)
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told so
+    kw = dict(cache_implementation="static", compile_config=config)
+    ref = _generate(model, x, **kw)
+    assert hasattr(model, "_compiled_call")  # transformers compiled its forward
+    del model._compiled_call
+    slimcompile.compile(model, backend=PASS_BACKEND, **SMALL, prune_layers=[1], keep_ratio=0.5)
+    with pytest.warns(UserWarning, match="cache_implementation='static'"):
+        out = _generate(model, x, **kw)
+    assert hasattr(model, "_compiled_call")
+    _assert_same_generation(out, ref)
