@@ -43,5 +43,5 @@ def test_pass_pipeline(benchmark, captured, pruning):
     gm, pm, ctx = benchmark.pedantic(
         run_passes, args=(captured["gm"], opts, captured["fake_mode"], False), rounds=5, warmup_rounds=1
     )
-    assert [r.name for r in pm.records] == ["layer_analysis", "causal_mask", "decode_kv", "token_prune", "flatten_linear", "shape_prop"]
+    assert [r.name for r in pm.records] == ["layer_analysis", "causal_mask", "decode_kv", "flatten_linear", "token_prune", "shape_prop"]
     assert (ctx.mask_removed or not ctx.layer_map.masks()) and len(ctx.prune) == (2 if pruning else 0)

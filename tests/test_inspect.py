@@ -97,7 +97,11 @@ def test_dump_folder(json_run):
         for suffix in ("before.py", "after.py", "diff"):
             assert (dump / f"{i:02d}_{name}.{suffix}").is_file()
     diff = {name: (dump / f"{i:02d}_{name}.diff").read_text() for i, name in enumerate(PASSES)}
-    assert diff["causal_mask"].startswith("---") and "-    attention_mask" in diff["causal_mask"]
+    causal = next(p for p in report["passes"] if p["name"] == "causal_mask")
+    if causal["summary"] == "no attention mask in the graph":  # transformers 5.2x builds none for SDPA
+        assert diff["causal_mask"] == ""
+    else:  # 5.17 materialises it; the pass removes it
+        assert diff["causal_mask"].startswith("---") and "-    attention_mask" in diff["causal_mask"]
     assert "block_scores" in diff["token_prune"]
     assert diff["layer_analysis"] == "" and diff["decode_kv"] == ""
     assert "block_scores" in (dump / "graph.py").read_text()
