@@ -126,8 +126,8 @@ def main() -> int:
 
     # The same masked graph with an all-ones mask: the dispatcher's pruned variant.
     u = torch.randint(1, 1024, (2, 4000), device="cuda")
-    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
-        out_u = model.slim.compiled_forward(u, attention_mask=torch.ones_like(u), use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        out_u = model.slim.call_compiled(u, attention_mask=torch.ones_like(u), use_cache=True, logits_to_keep=1)
     ref_u = reference.prefill(model, u, schedule)
     err = (out_u.logits - ref_u.logits).abs().max().item()
     lens, ref_lens = [layer.keys.shape[2] for layer in out_u.past_key_values.layers], [k.shape[2] for k in ref_u.keys]

@@ -86,6 +86,16 @@ class SlimHandle:
             return False
         return not self.generation_refusals or self.generation_refusals[-1] is None
 
+    def call_compiled(self, *args: Any, **kw: Any) -> Any:
+        """The compiled forward, called the one way its graphs were traced (other settings would
+        miss Dynamo's guards and compile again)."""
+        # Lifted float attributes (eps, scaling) otherwise make AOTAutograd restart Dynamo's
+        # analysis to specialise them, which doubles the first compile.
+        # hf_attention: transformers 5.17 materialises one mask as wide as layer 0's cache; the
+        # scoped override slices it to each layer's keys while this call is traced and run.
+        with torch._dynamo.config.patch(specialize_float=True), hf_attention.length_aware_sdpa():
+            return self.compiled_forward(*args, **kw)
+
     @contextlib.contextmanager
     def generation(self, refusal: str | None) -> Iterator[None]:
         self.generation_refusals.append(refusal)
@@ -232,12 +242,7 @@ def compile(
                 for key in ("position_ids", "cache_position"):
                     if kw.get(key) is not None and _default_positions(kw[key], input_ids.shape[-1], 0):
                         kw.pop(key)
-        # Lifted float attributes (eps, scaling) otherwise make AOTAutograd restart Dynamo's
-        # analysis to specialise them, which doubles the first compile.
-        # hf_attention: transformers 5.17 materialises one mask as wide as layer 0's cache; the
-        # scoped override slices it to each layer's keys while this call is traced and run.
-        with torch._dynamo.config.patch(specialize_float=True), hf_attention.length_aware_sdpa():
-            out = compiled(*args, **kw)
+        out = handle.call_compiled(*args, **kw)
         if not (handle.runtime_kv and past == 0 and unpadded and isinstance(input_ids, torch.Tensor)):
             return out
         out_cache = hf_compat.output_cache(out)

@@ -116,8 +116,8 @@ def test_padded_batch_through_inductor_matches_eager_and_unpadded_stays_pruned()
 
     # An unpadded batch on the same (masked) graph: the dispatcher runs the pruned variant.
     y = ids(56, batch=2)
-    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
-        out = model.slim.compiled_forward(y, attention_mask=torch.ones_like(y), use_cache=True)
+    with torch.no_grad():
+        out = model.slim.call_compiled(y, attention_mask=torch.ones_like(y), use_cache=True)
     assert len(COMPILATIONS) == 2  # no new backend call: the same graph, the other variant
     ref = reference.prefill(model, y, schedule)
     torch.testing.assert_close(out.logits[:, -1:], ref.logits, rtol=1e-4, atol=1e-4)
