@@ -159,6 +159,22 @@ def measure(model, tok, sample, device: str, max_new: int, eos: int | None, slim
     return row
 
 
+
+def timing_caveat(speedup: float, low: float, high: float, ideal: float) -> str | None:
+    """Why a printed TTFT speedup should not be trusted, or None. Both sides run one after the
+    other on the same machine, so a change of load between them shows up as a speedup (or a
+    slowdown) that the method did not cause: a wide spread between the runs' extremes, or a
+    speedup far above the schedule's ideal FLOP ratio (the exact rewrites alone are ~1.1x)."""
+    reasons = []
+    if low > 0 and high / low > 1.5:
+        reasons.append(f"the runs' extremes give {low:.2f}-{high:.2f}x (the load changed while timing)")
+    if speedup > 1.5 * ideal:
+        reasons.append(f"{speedup:.2f}x is far above the ideal FLOP ratio {ideal:.2f}x (the plain side ran under more load)")
+    if not reasons:
+        return None
+    return "; ".join(reasons) + ": rerun on an idle machine with more --repeats before quoting this speedup"
+
+
 def run(args) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -260,6 +276,9 @@ def run(args) -> int:
         f"ideal FLOP ratio {cost.ideal_speedup:.2f}x)   [bold]end-to-end {e2e_x:.2f}x[/]   "
         f"[bold]KV cache {100 * saving:.0f}% smaller[/] ({_fmt_bytes(plain['kv_bytes'])} -> {_fmt_bytes(slim['kv_bytes'])})"
     )
+    caveat = timing_caveat(ttft_x, lo, hi, cost.ideal_speedup)
+    if caveat:
+        console.print(f"[yellow]caveat: {caveat}[/]")
     verdict = {
         (True, True): "[green]both answers contain the planted answer[/]",
         (True, False): "[red]slim lost the answer that the plain model found[/]",

@@ -199,3 +199,11 @@ def test_eval_progress_reports_prompts_and_running_accuracy():
     evaluate(model, tok, ["passkey"], [300], 2, variants, engine="reference", tracker=t)
     assert t.total == t.done == 2 * len(variants)
     assert set(t.acc) == {v.name for v in variants} and all(0 <= a <= 1 for a in t.acc.values())
+
+
+def test_demo_flags_a_speedup_the_load_made():
+    from slimcompile.demo import timing_caveat
+
+    assert timing_caveat(1.15, 1.05, 1.25, 1.20) is None
+    assert "far above the ideal" in timing_caveat(4.48, 3.9, 5.0, 1.20)
+    assert "extremes give 0.60-1.80x" in timing_caveat(1.1, 0.6, 1.8, 1.20)
