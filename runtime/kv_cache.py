@@ -27,13 +27,18 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class KVBytes:
-    """Bytes of KV held on the accelerator (or wherever the buffers live) and in host memory."""
+    """Bytes of KV held on the model's device (a GPU, or the CPU for a CPU model) and in host
+    memory. `gpu` is the former name of `device`, kept for callers."""
 
-    gpu: int
+    device: int
     host: int
 
+    @property
+    def gpu(self) -> int:
+        return self.device
+
     def __add__(self, other: "KVBytes") -> "KVBytes":
-        return KVBytes(self.gpu + other.gpu, self.host + other.host)
+        return KVBytes(self.device + other.device, self.host + other.host)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

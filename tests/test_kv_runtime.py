@@ -563,3 +563,10 @@ def test_cuda_fused_decode_through_inductor_matches_unfused(monkeypatch):
     assert torch.equal(outs["0"].sequences, outs["1"].sequences)
     for a, b in zip(outs["0"].logits, outs["1"].logits):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_kv_bytes_name_the_device_not_a_gpu():
+    from slimcompile.runtime.kv_cache import KVBytes
+
+    b = KVBytes(3, 4) + KVBytes(1, 0)
+    assert repr(b) == "KVBytes(device=4, host=4)" and b.gpu == b.device == 4
