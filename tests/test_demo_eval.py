@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import json
 
 import pytest
@@ -28,8 +29,13 @@ def test_demo_short_prompt(capsys):
     # medians with their spread, compile counted in the first calls, none inside the timed runs
     assert "n=2)" in out and "graph(s) compiled" in out
     assert "compilation(s) inside the timed runs" not in out
-    # pruning happened: the compact per-layer form shows a smaller count after the pruning layer
-    assert out.count("x") >= 2
+    # pruning happened: the slim column's per-layer form ("395x3, 219": tokens x layers) keeps fewer
+    # tokens after the pruning layer than before it; the plain column keeps every token everywhere
+    row = next(line for line in out.splitlines() if "tokens kept per layer" in line)
+    cells = [c.strip() for c in re.split(r"[│|]", row) if re.search(r"\d", c)]
+    counts = [[int(item.split("x")[0]) for item in cell.split(",")] for cell in cells]
+    assert len(counts) == 2 and len(counts[0]) == 1 and len(counts[1]) >= 2, row
+    assert counts[1][0] == counts[0][0] > counts[1][-1], row
 
 
 def test_eval_end_to_end(tmp_path, capsys):

@@ -111,12 +111,10 @@ def test_generate_matches_reference(arch, kv_heads):
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
     assert out.shape == (1, 47 + 16)
     assert torch.equal(out, ref)
-    unpruned = reference.generate(model, x, None, 16)
     assert model.slim.options.pruning
     # The schedule changes the KV the decode steps see; the test would be vacuous if it did not.
     state = reference.prefill(model, x, schedule)
     assert [k.shape[2] for k in state.keys] != [47] * 4
-    assert unpruned.shape == out.shape
 
 
 def test_static_shapes_rewrite_literal_lengths():

@@ -133,7 +133,8 @@ def test_slim_debug_dumps_user_compilations(tmp_path, monkeypatch):
     assert summary["variant"] == "slim" and summary["fallback"] is None
     assert [p["name"] for p in summary["passes"]] == PASSES
     assert summary["prune"][0]["layer"] == 1 and summary["layers"][0]["sdpa"]
-    assert summary is not None and backend.COMPILATIONS[-1].variant == "slim"
+    assert backend.COMPILATIONS[-1].variant == "slim"
+    assert summary["prune"][0]["kept_length"] == backend.COMPILATIONS[-1].context.prune[0]["kept_length"]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def smollm2():
 
 
 @needs_smollm2
-def test_smollm2_cached_load(smollm2):
+def test_smollm2_cached_load(smollm2, monkeypatch):
     model, tok = smollm2
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
@@ -37,9 +37,12 @@ def test_smollm2_cached_load(smollm2):
     assert tok.convert_ids_to_tokens(2) == "<|im_end|>"
     assert models._is_complete_cache(models.cache_dir("smollm2-135m"))
 
-    t0 = time.perf_counter()
+    # From the cache, not the GGUF: with the GGUF out of reach the tokenizer still loads.
+    def no_gguf(*a, **k):
+        raise AssertionError("the tokenizer was read from the GGUF, not the cache")
+
+    monkeypatch.setattr(models, "gguf_path", no_gguf)
     load_tokenizer("smollm2-135m")
-    assert time.perf_counter() - t0 < 10  # from the cache, not the GGUF (~15 s)
 
 
 @needs_smollm2
@@ -94,9 +97,7 @@ def test_greedy_passkey_sanity(smollm2):
 
 def test_tiny_models_load_fast():
     for name, arch in (("tiny-llama", "llama"), ("tiny-qwen2", "qwen2")):
-        t0 = time.perf_counter()
         model, tok = load(name)
-        assert time.perf_counter() - t0 < 20
         assert model.config.model_type == arch and model.config.num_hidden_layers == 4
         assert not model.training
         if tok is not None:
