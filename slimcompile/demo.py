@@ -78,8 +78,11 @@ def _prefill(model, ids: torch.Tensor):
     """The prefill forward `generate` runs: a fresh cache, logits of the last position only."""
     from transformers import DynamicCache
 
+    from slimcompile import hf_compat
+
     with torch.no_grad():
-        return model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        cache = {hf_compat.cache_kwarg(model): DynamicCache(config=model.config)}
+        return model(input_ids=ids, **cache, use_cache=True, logits_to_keep=1)
 
 
 def _generate(model, ids: torch.Tensor, max_new: int, eos: int | None):

@@ -56,6 +56,14 @@ def check_versions() -> None:
             )
 
 
+def cache_kwarg(model: Any) -> str:
+    """The keyword this release's forward takes a cache under (passing the other one warns)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return next((n for n in CACHE_NAMES if n in params), "past_key_values")
+
+
 def cache_in(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
     """(keyword, cache) of the cache a forward call carries, or (None, None)."""
     for name in CACHE_NAMES:

@@ -44,3 +44,18 @@ def test_the_cache_keyword_of_this_release_is_read_and_written():
     assert hf_compat.cache_in({"past_key_values": "P"}) == ("past_key_values", "P")
     assert hf_compat.cache_in({"cache": "Q", "past_key_values": None}) == ("cache", "Q")
     assert isinstance(out, CausalLMOutputWithPast)
+
+
+def test_the_forward_cache_keyword_of_this_release():
+    """Passing the cache under `cache_kwarg` is what this release expects: no deprecation warning."""
+    from transformers import DynamicCache
+
+    from slimtest import prompt, tiny
+
+    model = tiny("llama", 2)
+    name = hf_compat.cache_kwarg(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            out = model(prompt(8), **{name: DynamicCache(config=model.config)}, use_cache=True)
+    assert hf_compat.output_cache(out).get_seq_length() == 8
