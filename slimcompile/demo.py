@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from slimcompile import hf_compat
 from slimcompile.evaluate import model_config, options_error, parse_device, parse_dtype, parse_length, parse_sets
 
 
@@ -77,8 +78,6 @@ def _fmt_bytes(n: int) -> str:
 def _prefill(model, ids: torch.Tensor):
     """The prefill forward `generate` runs: a fresh cache, logits of the last position only."""
     from transformers import DynamicCache
-
-    from slimcompile import hf_compat
 
     with torch.no_grad():
         cache = {hf_compat.cache_kwarg(model): DynamicCache(config=model.config)}
@@ -156,7 +155,7 @@ def measure(model, tok, sample, device: str, max_new: int, eos: int | None, slim
     row["new_tokens"] = len(new)
     row["answer"] = tok.decode(new, skip_special_tokens=True).strip()
     row["correct"] = score(sample, row["answer"]) >= 1.0
-    row["kv_bytes"], lens = kv_bytes(out.past_key_values)
+    row["kv_bytes"], lens = kv_bytes(hf_compat.output_cache(out))
     # The cache also holds the generated tokens (all but the last); subtract them for prompt tokens.
     row["tokens_per_layer"] = [k - (len(new) - 1) for k in lens]
     return row
