@@ -78,10 +78,14 @@ COMPILATIONS: collections.deque[Compilation] = collections.deque(maxlen=64)
 _warned: set[str] = set()
 
 
-def _warn_once(msg: str) -> None:
+def warn_once(msg: str, stacklevel: int = 3) -> None:
+    """One warning per message per process (the backend's and `slimcompile.compile`'s fallbacks)."""
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=stacklevel)
+
+
+_warn_once = warn_once
 
 
 def graph_fake_mode(gm: fx.GraphModule) -> Any:

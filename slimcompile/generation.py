@@ -36,14 +36,13 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import warnings
 import weakref
 from typing import Any, Iterator
 
 import torch
 
 from slimcompile import hf_attention, hf_compat
-from slimcompile.backend import slim_backend
+from slimcompile.backend import slim_backend, warn_once
 from slimcompile.options import SlimOptions, parse_options
 from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.decode import StaticDecoder
@@ -51,13 +50,9 @@ from slimcompile.runtime.decode_support import overrides_forward, runtime_decode
 from slimcompile.runtime.fused_weights import fuse_model
 from slimcompile.runtime.kv_cache import SlimKVCache, drain
 
-_warned: set[str] = set()
-
 
 def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=4)
+    warn_once(msg, stacklevel=4)
 
 
 @dataclasses.dataclass
