@@ -45,6 +45,7 @@ from slimcompile import env
 from slimcompile.runtime.block_copy import copy_blocks
 from slimcompile.runtime.config import RuntimeConfig
 from slimcompile.runtime.kv_cache import DecodeLayerKV, KVBytes, _nbytes
+from slimcompile.runtime.layout import num_blocks
 from slimcompile.runtime.regions import CompiledRegion
 
 
@@ -209,8 +210,7 @@ class OffloadedLayerKV(DecodeLayerKV):
         b, h, L, d = keys.shape
         dev = keys.device
         sink = min(c.sink, L)
-        # the prunable blocks after the sink, as slimcompile.schedule.num_blocks counts them
-        n = max((L - sink - window) // block_size, 0)
+        n = max(num_blocks(L, sink, window, block_size), 0)
         A = min(n, max(c.decode_budget // block_size, 1))
         tail = L - sink - n * block_size
         self.sink, self.block_size, self.n_blocks, self.n_active, self.tail = sink, block_size, n, A, tail

@@ -20,10 +20,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from slimcompile.options import LayerSchedule, keep_fraction
-
-
-def num_blocks(length: Any, sink: int, window: int, block_size: int) -> Any:
-    return (length - sink - window) // block_size
+from slimcompile.runtime.layout import num_blocks  # noqa: F401  (re-exported: callers import it from here)
 
 
 def ratio_blocks(n: Any, ratio: float | Fraction) -> Any:
